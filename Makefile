@@ -1,0 +1,50 @@
+# The two commands of the README: `make run` and `make test`.
+PY      ?= python3.11
+VENV    := .venv
+BIN     := $(VENV)/bin
+FLASK   := $(BIN)/flask --app app
+HOST    ?= 127.0.0.1
+PORT    ?= 8000
+PYTEST_ARGS ?=
+
+.PHONY: run test setup deps test-deps browser services migration clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# Reinstall only when the requirement files change.
+$(VENV)/.deps: requirements.txt | $(BIN)/python
+	$(BIN)/pip install -q -r requirements.txt
+	touch $@
+
+$(VENV)/.test-deps: requirements.txt requirements-dev.txt $(VENV)/.deps
+	$(BIN)/pip install -q -r requirements-dev.txt
+	touch $@
+
+deps: $(VENV)/.deps
+test-deps: $(VENV)/.test-deps
+
+# Debian's chromium for the browser tests (Playwright never downloads a browser here).
+browser:
+	@test -x /usr/bin/chromium || { (apt-get update -qq || true) && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
+setup: deps
+	$(FLASK) bootstrap
+
+run: setup
+	HOST=$(HOST) PORT=$(PORT) exec $(BIN)/gunicorn -c gunicorn.conf.py wsgi:app
+
+test: test-deps browser
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Regenerate the migration from models.py (before the first release there is one revision).
+migration: deps
+	rm -rf /tmp/tokenopen-migration && mkdir -p /tmp/tokenopen-migration
+	rm -f migrations/versions/*.py
+	TOKENOPEN_DATABASE_URL=sqlite:////tmp/tokenopen-migration/m.db TOKENOPEN_SECRET_KEY=x \
+	  $(FLASK) db migrate -m "initial schema" --rev-id 0001
+	@echo "migration regenerated in migrations/versions/"
+
+clean:
+	rm -rf $(VENV) instance .pytest_cache

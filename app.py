@@ -1,0 +1,80 @@
+"""The application factory: config, extensions, blueprints, error handlers, CLI."""
+import os
+
+from flask import Flask, jsonify
+from sqlalchemy import event, text
+from sqlalchemy.engine import Engine
+from werkzeug.middleware.proxy_fix import ProxyFix
+
+from config import load_config
+from extensions import csrf, db, limiter, login_manager, migrate
+from money import format_credits
+
+
+def create_app(test_config=None):
+    """Build the app: defaults from the environment, then `test_config` overrides."""
+    app = Flask(__name__, instance_relative_config=True)
+    app.config.from_mapping(load_config(app.instance_path))
+    if test_config:
+        app.config.update(test_config)
+    public_url = app.config["PUBLIC_URL"] or ""
+    app.config.setdefault("SESSION_COOKIE_SECURE", public_url.startswith("https://"))
+    app.config.setdefault("REMEMBER_COOKIE_SECURE", public_url.startswith("https://"))
+    proxies = int(os.environ.get("TOKENOPEN_TRUSTED_PROXIES", "0") or 0)
+    if proxies:
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=proxies, x_proto=proxies, x_host=proxies)
+
+    db.init_app(app)
+    migrate.init_app(app, db, directory=os.path.join(app.root_path, "migrations"))
+    login_manager.init_app(app)
+    login_manager.login_view = "auth.login"
+
+    @login_manager.user_loader
+    def load_user(user_id):
+        from models import User
+        user = db.session.get(User, int(user_id))
+        return user if user is not None and not user.disabled else None
+    csrf.init_app(app)
+    limiter.init_app(app)
+
+    from blueprints.admin.routes import bp as admin_bp
+    from blueprints.api.routes import bp as api_bp
+    from blueprints.auth.routes import bp as auth_bp
+    from blueprints.dashboard.routes import bp as dashboard_bp
+    from blueprints.keys.routes import bp as keys_bp
+    from blueprints.logs.routes import bp as logs_bp
+    from blueprints.wallet.routes import bp as wallet_bp
+    for blueprint in (auth_bp, keys_bp, wallet_bp, logs_bp, dashboard_bp, admin_bp):
+        app.register_blueprint(blueprint)
+    app.register_blueprint(api_bp)
+    csrf.exempt(api_bp)  # key-authenticated JSON API, no cookies
+
+    import errors
+    errors.register(app)
+    import cli
+    cli.register(app)
+    app.jinja_env.filters["credits"] = format_credits
+
+    @app.get("/healthz")
+    def healthz():
+        """200 once the database answers."""
+        try:
+            db.session.execute(text("SELECT 1"))
+        except Exception:  # noqa: BLE001 - any failure means unhealthy
+            db.session.rollback()
+            return jsonify(status="error", detail="database unreachable"), 503
+        return jsonify(status="ok")
+
+    return app
+
+
+@event.listens_for(Engine, "connect")
+def _sqlite_pragmas(dbapi_connection, connection_record):
+    """WAL lets readers run beside the writer; busy_timeout waits instead of failing."""
+    if type(dbapi_connection).__module__.startswith("sqlite3"):
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA busy_timeout=10000")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()

@@ -1,0 +1,53 @@
+"""First-start setup: the default group, default settings and the first admin."""
+import secrets
+
+from extensions import db
+from models import Group, User
+
+DEFAULT_GROUP = "default"
+
+
+def ensure_default_group():
+    """The group new users join: all models, RPM 60, multiplier 1."""
+    group = db.session.scalar(db.select(Group).filter_by(name=DEFAULT_GROUP))
+    if group is None:
+        group = Group(name=DEFAULT_GROUP, models="*", rpm=60, tpm=0, multiplier_ppm=1_000_000)
+        db.session.add(group)
+        db.session.flush()
+    return group
+
+
+def create_user(email, password, is_admin=False, group_name=None):
+    """Create a user in `group_name` (or the default group). Raises ValueError on bad input."""
+    email = (email or "").strip().lower()
+    if "@" not in email or len(email) > 254:
+        raise ValueError(f"not an email address: {email!r}")
+    if not password or len(password) < 8:
+        raise ValueError("password must be at least 8 characters")
+    if db.session.scalar(db.select(User).filter_by(email=email)):
+        raise ValueError(f"a user with email {email} already exists")
+    if group_name:
+        group = db.session.scalar(db.select(Group).filter_by(name=group_name))
+        if group is None:
+            raise ValueError(f"no such group: {group_name}")
+    else:
+        group = ensure_default_group()
+    user = User(email=email, is_admin=is_admin, group_id=group.id, balance_micro=0,
+                reserved_micro=0)
+    user.set_password(password)
+    db.session.add(user)
+    db.session.flush()
+    return user
+
+
+def bootstrap_admin(app):
+    """Create the first admin if there is none. Returns (email, password or None) when created."""
+    ensure_default_group()
+    if db.session.scalar(db.select(User).filter_by(is_admin=True).limit(1)):
+        db.session.commit()
+        return None
+    email = app.config["ADMIN_EMAIL"] or "admin@localhost"
+    password = app.config["ADMIN_PASSWORD"] or secrets.token_urlsafe(12)
+    create_user(email, password, is_admin=True)
+    db.session.commit()
+    return email, (None if app.config["ADMIN_PASSWORD"] else password)

@@ -1,0 +1,8 @@
+"""The admin CLI (`flask --app app ...`), one module per area."""
+
+
+def register(app):
+    """Attach every command group to `app.cli`."""
+    from cli import accounts, billing, channels, setup
+    for module in (setup, accounts, channels, billing):
+        module.register(app)

@@ -1,0 +1,5 @@
+"""users, keys and groups commands."""
+
+
+def register(app):
+    pass

@@ -1,0 +1,5 @@
+"""prices, credits, codes and billing commands."""
+
+
+def register(app):
+    pass

@@ -1,0 +1,5 @@
+"""channels commands."""
+
+
+def register(app):
+    pass

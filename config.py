@@ -1,0 +1,61 @@
+"""Settings from TOKENOPEN_* environment variables, read when the app is built."""
+import os
+import secrets
+
+
+def _int(env, name, default):
+    value = env.get(name)
+    return int(value) if value not in (None, "") else default
+
+
+def _secret_key(instance_path):
+    """Read the session key from the instance folder, creating it once."""
+    path = os.path.join(instance_path, "secret_key")
+    try:
+        with open(path) as fh:
+            return fh.read().strip()
+    except FileNotFoundError:
+        key = secrets.token_hex(32)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(key)
+        return key
+
+
+def load_config(instance_path, env=None):
+    """Return the app settings: defaults, overridden by TOKENOPEN_* variables."""
+    env = os.environ if env is None else env
+    os.makedirs(instance_path, exist_ok=True)
+    redis_url = env.get("TOKENOPEN_REDIS_URL") or None
+    database_url = env.get("TOKENOPEN_DATABASE_URL") or (
+        "sqlite:///" + os.path.join(instance_path, "tokenopen.db"))
+    return {
+        "SQLALCHEMY_DATABASE_URI": database_url,
+        "SECRET_KEY": env.get("TOKENOPEN_SECRET_KEY") or _secret_key(instance_path),
+        "REDIS_URL": redis_url,
+        # Flask-Limiter storage: exact in memory with one worker, shared in Redis.
+        "RATELIMIT_STORAGE_URI": redis_url or "memory://",
+        "RATELIMIT_HEADERS_ENABLED": False,
+        "ADMIN_EMAIL": env.get("TOKENOPEN_ADMIN_EMAIL") or None,
+        "ADMIN_PASSWORD": env.get("TOKENOPEN_ADMIN_PASSWORD") or None,
+        "PUBLIC_URL": (env.get("TOKENOPEN_PUBLIC_URL") or "").rstrip("/") or None,
+        "REGISTRATION": env.get("TOKENOPEN_REGISTRATION", "open"),
+        "UPSTREAM_TIMEOUT": _int(env, "TOKENOPEN_UPSTREAM_TIMEOUT", 600),
+        "UPSTREAM_CONNECT_TIMEOUT": _int(env, "TOKENOPEN_UPSTREAM_CONNECT_TIMEOUT", 5),
+        "MAX_BODY_BYTES": _int(env, "TOKENOPEN_MAX_BODY_BYTES", 32 * 1024 * 1024),
+        "DEFAULT_OUTPUT_CAP": _int(env, "TOKENOPEN_DEFAULT_OUTPUT_CAP", 4096),
+        # Seconds a worker may serve a key/channel/price from its own cache.
+        "CACHE_TTL": _int(env, "TOKENOPEN_CACHE_TTL", 2),
+        # Channel health: failures in a row before a cool-down, and its length.
+        "CHANNEL_FAILURES_BEFORE_COOLDOWN": _int(env, "TOKENOPEN_CHANNEL_FAILURES", 3),
+        "CHANNEL_COOLDOWN_SECONDS": _int(env, "TOKENOPEN_CHANNEL_COOLDOWN", 60),
+        # A reservation older than this belongs to a dead worker and is released.
+        "RESERVATION_TTL": _int(env, "TOKENOPEN_RESERVATION_TTL", 0) or None,
+        "SWEEP_INTERVAL": _int(env, "TOKENOPEN_SWEEP_INTERVAL", 60),
+        "LOGIN_LIMIT": env.get("TOKENOPEN_LOGIN_LIMIT", "10 per minute"),
+        "WTF_CSRF_TIME_LIMIT": None,
+        "SESSION_COOKIE_HTTPONLY": True,
+        "SESSION_COOKIE_SAMESITE": "Lax",
+        "REMEMBER_COOKIE_HTTPONLY": True,
+        "SQLALCHEMY_ENGINE_OPTIONS": {"pool_pre_ping": True},
+    }

@@ -1,0 +1,16 @@
+"""gunicorn settings for `make run`: gevent workers, one unless Redis shares the limits."""
+import multiprocessing
+import os
+
+bind = f"{os.environ.get('HOST', '127.0.0.1')}:{os.environ.get('PORT', '8000')}"
+worker_class = "gevent"
+# In-memory rate limits are exact only inside one process (SPEC §9).
+workers = int(os.environ.get("WEB_CONCURRENCY") or (
+    multiprocessing.cpu_count() if os.environ.get("TOKENOPEN_REDIS_URL") else 1))
+worker_connections = 2000
+# Streams can last as long as the upstream timeout; gevent workers heartbeat on their own.
+timeout = int(os.environ.get("TOKENOPEN_UPSTREAM_TIMEOUT", "600")) + 30
+graceful_timeout = 30
+keepalive = 75
+accesslog = os.environ.get("TOKENOPEN_ACCESS_LOG") or None
+errorlog = "-"

@@ -1,0 +1,311 @@
+"""All SQLAlchemy models. Money is always an integer of micro-credits (1 credit = 1,000,000)."""
+import hashlib
+import secrets
+from datetime import datetime, timezone
+
+from flask_login import UserMixin
+from sqlalchemy import BigInteger, ForeignKey, Index, String, Text, UniqueConstraint
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+from werkzeug.security import check_password_hash, generate_password_hash
+
+from extensions import db
+
+MICRO = 1_000_000  # micro-credits per credit
+ALL_MODELS = "*"
+
+
+def utcnow():
+    """Naive UTC now: stored the same way on SQLite and PostgreSQL."""
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+def split_list(text):
+    """'a, b,,c' -> ['a', 'b', 'c']; None or '' -> []."""
+    return [part.strip() for part in (text or "").split(",") if part.strip()]
+
+
+class Group(db.Model):
+    """A set of members sharing model access, rate limits and a price multiplier."""
+    __tablename__ = "groups"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    models: Mapped[str] = mapped_column(Text, default=ALL_MODELS)  # "*" or "a,b"
+    rpm: Mapped[int] = mapped_column(default=60)  # per user, 0 = unlimited
+    tpm: Mapped[int] = mapped_column(default=0)  # per user, 0 = unlimited
+    # Price multiplier in parts per million (1.0 = 1_000_000) so cost math stays integral.
+    multiplier_ppm: Mapped[int] = mapped_column(BigInteger, default=MICRO)
+
+    def allows_model(self, model):
+        """True when members of this group may call `model`."""
+        return self.models.strip() == ALL_MODELS or model in split_list(self.models)
+
+
+class User(UserMixin, db.Model):
+    __tablename__ = "users"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    email: Mapped[str] = mapped_column(String(254), unique=True)
+    password_hash: Mapped[str] = mapped_column(String(256))
+    is_admin: Mapped[bool] = mapped_column(default=False)
+    disabled: Mapped[bool] = mapped_column(default=False)
+    group_id: Mapped[int] = mapped_column(ForeignKey("groups.id"))
+    # Settled balance; equals the sum of this user's ledger rows.
+    balance_micro: Mapped[int] = mapped_column(BigInteger, default=0)
+    # Credits held by in-flight requests; equals the sum of open reservations.
+    reserved_micro: Mapped[int] = mapped_column(BigInteger, default=0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    group: Mapped[Group] = relationship(lazy="joined")
+
+    @property
+    def is_active(self):
+        return not self.disabled
+
+    @property
+    def available_micro(self):
+        return self.balance_micro - self.reserved_micro
+
+    def set_password(self, password):
+        self.password_hash = generate_password_hash(password)  # scrypt
+
+    def check_password(self, password):
+        return check_password_hash(self.password_hash, password)
+
+
+class ApiKey(db.Model):
+    """An sk- key. Only its SHA-256 is stored; the full key is shown once at creation."""
+    __tablename__ = "api_keys"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(100))
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16))  # "sk-" + first chars, for display
+    last4: Mapped[str] = mapped_column(String(4))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_used_at: Mapped[datetime | None]
+    expires_at: Mapped[datetime | None]
+    disabled: Mapped[bool] = mapped_column(default=False)
+    models: Mapped[str | None] = mapped_column(Text)  # None = whatever the group allows
+    allowed_ips: Mapped[str | None] = mapped_column(Text)  # comma-separated CIDRs
+    credit_limit_micro: Mapped[int | None] = mapped_column(BigInteger)  # None = no limit
+    spent_micro: Mapped[int] = mapped_column(BigInteger, default=0)
+    reserved_micro: Mapped[int] = mapped_column(BigInteger, default=0)
+    rpm: Mapped[int] = mapped_column(default=0)  # 0 = unlimited
+    tpm: Mapped[int] = mapped_column(default=0)
+
+    user: Mapped[User] = relationship(lazy="joined")
+
+    @staticmethod
+    def hash_key(full_key):
+        return hashlib.sha256(full_key.encode()).hexdigest()
+
+    @classmethod
+    def generate(cls, user, name, **fields):
+        """Return (ApiKey, full_key); the caller adds it to the session."""
+        full_key = "sk-" + secrets.token_urlsafe(36).replace("-", "a").replace("_", "b")[:48]
+        key = cls(user_id=user.id, name=name, key_hash=cls.hash_key(full_key),
+                  prefix=full_key[:7], last4=full_key[-4:], **fields)
+        return key, full_key
+
+    @property
+    def display(self):
+        return f"{self.prefix}…{self.last4}"
+
+    @property
+    def model_list(self):
+        return split_list(self.models)
+
+    @property
+    def ip_list(self):
+        return split_list(self.allowed_ips)
+
+    def is_expired(self, now=None):
+        return self.expires_at is not None and self.expires_at <= (now or utcnow())
+
+
+class Channel(db.Model):
+    """An upstream provider connection; serves the models in its ChannelModel rows."""
+    __tablename__ = "channels"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    type: Mapped[str] = mapped_column(String(32))  # openai | anthropic | gemini | mock
+    base_url: Mapped[str] = mapped_column(String(500), default="")
+    api_key: Mapped[str] = mapped_column(Text, default="")
+    priority: Mapped[int] = mapped_column(default=0)  # higher is tried first
+    weight: Mapped[int] = mapped_column(default=1)
+    enabled: Mapped[bool] = mapped_column(default=True)
+    # Health, written only when it changes so the hot path stays read-only.
+    fail_count: Mapped[int] = mapped_column(default=0)
+    cooldown_until: Mapped[datetime | None]
+    last_error: Mapped[str | None] = mapped_column(Text)
+    last_test_ms: Mapped[int | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    model_rows: Mapped[list["ChannelModel"]] = relationship(
+        back_populates="channel", cascade="all, delete-orphan", lazy="selectin",
+        order_by="ChannelModel.id")
+
+    @property
+    def models_spec(self):
+        """The models as the CLI takes them: 'a,b,pub=upstream'."""
+        return ",".join(m.public_name if m.public_name == m.upstream_name
+                        else f"{m.public_name}={m.upstream_name}" for m in self.model_rows)
+
+    def set_models(self, spec):
+        """Replace the served models from a 'a,b,pub=upstream' spec."""
+        rows = []
+        for item in split_list(spec):
+            public, _, upstream = item.partition("=")
+            rows.append(ChannelModel(public_name=public.strip(),
+                                     upstream_name=(upstream or public).strip()))
+        self.model_rows = rows
+
+    @property
+    def masked_key(self):
+        key = self.api_key or ""
+        return (key[:3] + "…" + key[-4:]) if len(key) > 10 else ("…" if key else "")
+
+    def health(self, now=None):
+        """'disabled', 'cooldown', 'degraded' or 'healthy'."""
+        if not self.enabled:
+            return "disabled"
+        if self.cooldown_until and self.cooldown_until > (now or utcnow()):
+            return "cooldown"
+        return "degraded" if self.fail_count else "healthy"
+
+
+class ChannelModel(db.Model):
+    """One model a channel serves: the public name users call, the name sent upstream."""
+    __tablename__ = "channel_models"
+    __table_args__ = (UniqueConstraint("channel_id", "public_name"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    channel_id: Mapped[int] = mapped_column(ForeignKey("channels.id", ondelete="CASCADE"))
+    public_name: Mapped[str] = mapped_column(String(200), index=True)
+    upstream_name: Mapped[str] = mapped_column(String(200))
+
+    channel: Mapped[Channel] = relationship(back_populates="model_rows")
+
+
+class ModelPrice(db.Model):
+    """Credits per 1M tokens, stored as micro-credits per 1M tokens; per-request is flat."""
+    __tablename__ = "model_prices"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    model: Mapped[str] = mapped_column(String(200), unique=True)
+    input_micro: Mapped[int] = mapped_column(BigInteger, default=0)
+    output_micro: Mapped[int] = mapped_column(BigInteger, default=0)
+    cached_input_micro: Mapped[int | None] = mapped_column(BigInteger)  # None = input price
+    per_request_micro: Mapped[int] = mapped_column(BigInteger, default=0)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class LedgerEntry(db.Model):
+    """One change of a user's balance. sum(amount_micro) per user == User.balance_micro."""
+    __tablename__ = "ledger_entries"
+    __table_args__ = (Index("ix_ledger_user_time", "user_id", "created_at"),)
+    KINDS = ("grant", "redemption", "charge", "refund", "adjustment")
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(String(16))
+    amount_micro: Mapped[int] = mapped_column(BigInteger)  # signed
+    balance_after_micro: Mapped[int] = mapped_column(BigInteger)
+    note: Mapped[str | None] = mapped_column(Text)
+    request_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    created_by_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Reservation(db.Model):
+    """Credits held for one in-flight request; settled or swept, then deleted."""
+    __tablename__ = "reservations"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    request_id: Mapped[str] = mapped_column(String(64), unique=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    key_id: Mapped[int | None] = mapped_column(ForeignKey("api_keys.id", ondelete="SET NULL"))
+    amount_micro: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+
+class RedemptionCode(db.Model):
+    __tablename__ = "redemption_codes"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    code: Mapped[str] = mapped_column(String(64), unique=True)
+    amount_micro: Mapped[int] = mapped_column(BigInteger)
+    batch: Mapped[str | None] = mapped_column(String(64), index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    created_by_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+    expires_at: Mapped[datetime | None]
+    redeemed_by_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+    redeemed_at: Mapped[datetime | None]
+
+    @staticmethod
+    def new_code():
+        return secrets.token_hex(16)
+
+
+class RequestLog(db.Model):
+    """One row per /v1 request, success or not."""
+    __tablename__ = "request_logs"
+    __table_args__ = (
+        Index("ix_logs_user_time", "user_id", "created_at"),
+        Index("ix_logs_time", "created_at"),
+    )
+    id: Mapped[int] = mapped_column(primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    request_id: Mapped[str] = mapped_column(String(64), unique=True)
+    user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+    key_id: Mapped[int | None] = mapped_column(ForeignKey("api_keys.id", ondelete="SET NULL"))
+    key_name: Mapped[str | None] = mapped_column(String(100))
+    model: Mapped[str | None] = mapped_column(String(200))
+    channel_id: Mapped[int | None] = mapped_column(ForeignKey("channels.id", ondelete="SET NULL"))
+    channel_name: Mapped[str | None] = mapped_column(String(100))
+    endpoint: Mapped[str] = mapped_column(String(64))
+    is_stream: Mapped[bool] = mapped_column(default=False)
+    prompt_tokens: Mapped[int] = mapped_column(default=0)
+    completion_tokens: Mapped[int] = mapped_column(default=0)
+    cached_tokens: Mapped[int] = mapped_column(default=0)
+    credits_micro: Mapped[int] = mapped_column(BigInteger, default=0)
+    status: Mapped[str] = mapped_column(String(16))  # Success | Failed | Timeout
+    http_status: Mapped[int]
+    latency_ms: Mapped[int] = mapped_column(default=0)
+    ttft_ms: Mapped[int | None]
+    estimated: Mapped[bool] = mapped_column(default=False)
+    billing: Mapped[str] = mapped_column(String(16), default="void")  # billed | estimated | void
+    error: Mapped[str | None] = mapped_column(Text)
+    client_ip: Mapped[str | None] = mapped_column(String(64))
+
+
+class UsageDaily(db.Model):
+    """Per day × user × key × model rollup of RequestLog, kept by the log writer for charts."""
+    __tablename__ = "usage_daily"
+    __table_args__ = (UniqueConstraint("day", "user_id", "key_id", "model", name="uq_usage_daily"),
+                      Index("ix_usage_daily_user_day", "user_id", "day"))
+    id: Mapped[int] = mapped_column(primary_key=True)
+    day: Mapped[str] = mapped_column(String(10), index=True)  # YYYY-MM-DD (UTC)
+    user_id: Mapped[int] = mapped_column(default=0)
+    key_id: Mapped[int] = mapped_column(default=0)  # 0 when the key is gone
+    key_name: Mapped[str] = mapped_column(String(100), default="")
+    model: Mapped[str] = mapped_column(String(200), default="")
+    requests: Mapped[int] = mapped_column(BigInteger, default=0)
+    failed: Mapped[int] = mapped_column(BigInteger, default=0)
+    prompt_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    completion_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    credits_micro: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class Setting(db.Model):
+    """Admin-editable settings that override config defaults (registration, signup bonus...)."""
+    __tablename__ = "settings"
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+
+    @staticmethod
+    def get(key, default=None):
+        row = db.session.get(Setting, key)
+        return row.value if row else default
+
+    @staticmethod
+    def put(key, value):
+        row = db.session.get(Setting, key)
+        if row is None:
+            db.session.add(Setting(key=key, value=str(value)))
+        else:
+            row.value = str(value)

@@ -1,0 +1,262 @@
+"""Test helpers: row factories, PostgreSQL databases, and the live server processes."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import requests
+from sqlalchemy import create_engine, text
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PYTHON = sys.executable
+PG_HOST = os.environ.get("TOKENOPEN_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432")
+
+
+def pg_admin_url():
+    return f"{PG_HOST}/test"
+
+
+def postgres_database_url(name):
+    """Create (or recreate) database `name` on the local PostgreSQL and return its URL."""
+    engine = create_engine(pg_admin_url(), isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(text(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"), {"n": name})
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    engine.dispose()
+    return f"{PG_HOST}/{name}"
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_http(url, timeout=30, proc=None):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process for {url} exited with {proc.returncode}")
+        try:
+            if requests.get(url, timeout=1).status_code < 500:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} did not come up in {timeout}s")
+
+
+# --- row factories (call inside an app context) -------------------------------------------
+
+def make_user(email, password="password123", is_admin=False, group=None, credits=None,
+              balance_micro=None):
+    """Create a user; `credits` grants that many credits through a ledger row."""
+    from bootstrap import create_user
+    from extensions import db
+    from models import LedgerEntry
+    user = create_user(email, password, is_admin=is_admin, group_name=group)
+    micro = balance_micro if balance_micro is not None else int((credits or 0) * 1_000_000)
+    if micro:
+        user.balance_micro = micro
+        db.session.add(LedgerEntry(user_id=user.id, kind="grant", amount_micro=micro,
+                                   balance_after_micro=micro, note="test grant"))
+    db.session.commit()
+    return user.id
+
+
+def make_key(email, name="test key", **fields):
+    """Create an API key for `email`; returns the full sk- key."""
+    from extensions import db
+    from models import ApiKey, User
+    user = db.session.scalar(db.select(User).filter_by(email=email))
+    key, full_key = ApiKey.generate(user, name, **fields)
+    db.session.add(key)
+    db.session.commit()
+    return full_key
+
+
+def make_channel(name, type="openai", base_url="", api_key="sk-upstream-secret",
+                 models="gpt-4o-mini", priority=0, weight=1, enabled=True):
+    from extensions import db
+    from models import Channel
+    channel = Channel(name=name, type=type, base_url=base_url, api_key=api_key,
+                      priority=priority, weight=weight, enabled=enabled)
+    channel.set_models(models)
+    db.session.add(channel)
+    db.session.commit()
+    return channel.id
+
+
+def make_price(model, input=1.0, output=2.0, cached_input=None, per_request=0.0):
+    """Prices in credits per 1M tokens (per_request: credits per call)."""
+    from extensions import db
+    from models import ModelPrice
+    from money import parse_credits
+    row = db.session.scalar(db.select(ModelPrice).filter_by(model=model)) or ModelPrice(model=model)
+    row.input_micro = parse_credits(input)
+    row.output_micro = parse_credits(output)
+    row.cached_input_micro = None if cached_input is None else parse_credits(cached_input)
+    row.per_request_micro = parse_credits(per_request)
+    db.session.add(row)
+    db.session.commit()
+    return row.id
+
+
+# --- live processes -----------------------------------------------------------------------
+
+class FakeUpstream:
+    """tests/fake_upstream.py in its own process, on a free port."""
+
+    def __init__(self):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = None
+
+    def start(self):
+        self.proc = subprocess.Popen([PYTHON, os.path.join(ROOT, "tests", "fake_upstream.py"),
+                                      "--port", str(self.port)], cwd=ROOT)
+        wait_http(self.url + "/_health", proc=self.proc)
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+    def events(self, since=0):
+        """What the fake upstream saw: requests, headers, closed connections."""
+        return requests.get(self.url + "/_events", params={"since": since}, timeout=5).json()
+
+    def clear(self):
+        requests.post(self.url + "/_reset", timeout=5)
+
+
+class LiveGateway:
+    """gunicorn + gevent serving TokenOpen on `db_url`, exactly as `make run` does."""
+
+    def __init__(self, db_url, workdir, upstream, extra_env=None):
+        self.db_url = db_url
+        self.workdir = workdir
+        self.upstream = upstream
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.base_url = self.url + "/v1"
+        self.proc = None
+        self.env = dict(os.environ)
+        self.env.update({
+            "TOKENOPEN_DATABASE_URL": db_url,
+            "TOKENOPEN_SECRET_KEY": "live-test-secret",
+            "TOKENOPEN_CACHE_TTL": "0",
+            "TOKENOPEN_UPSTREAM_TIMEOUT": "5",
+            "TOKENOPEN_CHANNEL_COOLDOWN": "30",
+            "HOST": "127.0.0.1",
+            "PORT": str(self.port),
+            "WEB_CONCURRENCY": "1",
+        })
+        self.env.pop("TOKENOPEN_REDIS_URL", None)
+        self.env.update(extra_env or {})
+        self._app = None
+
+    @property
+    def app(self):
+        """An app object on the same database, for creating rows and reading results."""
+        if self._app is None:
+            from app import create_app
+            self._app = create_app({"SQLALCHEMY_DATABASE_URI": self.db_url,
+                                    "SECRET_KEY": "live-test-secret", "TESTING": True})
+        return self._app
+
+    def start(self):
+        subprocess.run([PYTHON, "-m", "flask", "--app", "app", "init-db"], cwd=ROOT,
+                       env=self.env, check=True, capture_output=True)
+        self.log = open(os.path.join(self.workdir, "gunicorn.log"), "w")
+        self.proc = subprocess.Popen(
+            [PYTHON, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
+            cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
+        wait_http(self.url + "/healthz", proc=self.proc)
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        if self._app is not None:
+            from extensions import db
+            with self._app.app_context():
+                db.engine.dispose()
+
+    def reset(self):
+        """Empty every table but the migration marker; default group unlimited for tests."""
+        from bootstrap import ensure_default_group
+        from extensions import db
+        with self.app.app_context():
+            for table in reversed(db.metadata.sorted_tables):
+                db.session.execute(table.delete())
+            group = ensure_default_group()
+            group.rpm = 0  # ids are reused after a reset; a test of limits sets its own
+            db.session.commit()
+        self.upstream.clear()
+
+    def run(self, fn, *args, **kwargs):
+        """Call fn(*args) inside an app context on the gateway's database."""
+        with self.app.app_context():
+            return fn(*args, **kwargs)
+
+    def user(self, email="member@example.com", **kw):
+        return self.run(make_user, email, **kw)
+
+    def key(self, email="member@example.com", **kw):
+        return self.run(make_key, email, **kw)
+
+    def channel(self, name="fake", models="gpt-4o-mini", **kw):
+        kw.setdefault("base_url", self.upstream.url)
+        return self.run(make_channel, name, models=models, **kw)
+
+    def price(self, model="gpt-4o-mini", **kw):
+        return self.run(make_price, model, **kw)
+
+    def member(self, email="member@example.com", credits=100, models="gpt-4o-mini",
+               price=True, **key_fields):
+        """A ready member: user with credits, a fake-upstream channel and price; returns sk-."""
+        self.user(email, credits=credits)
+        if models:
+            self.channel(models=models)
+            if price:
+                for model in models.split(","):
+                    self.price(model.split("=")[0])
+        return self.key(email, **key_fields)
+
+    def logs(self, **filters):
+        """RequestLog rows as dicts, oldest first."""
+        from extensions import db
+        from models import RequestLog
+
+        def fetch():
+            rows = db.session.scalars(db.select(RequestLog).filter_by(**filters)
+                                      .order_by(RequestLog.id)).all()
+            return [{c.name: getattr(r, c.name) for c in RequestLog.__table__.columns}
+                    for r in rows]
+        return self.run(fetch)
+
+    def wait_logs(self, count, timeout=5, **filters):
+        """Logs are written as the response finishes; poll until `count` rows exist."""
+        deadline = time.time() + timeout
+        rows = self.logs(**filters)
+        while len(rows) < count and time.time() < deadline:
+            time.sleep(0.05)
+            rows = self.logs(**filters)
+        return rows
+
+    def scalar(self, statement):
+        from extensions import db
+        return self.run(lambda: db.session.scalar(statement))
+
+    def gunicorn_log(self):
+        self.log.flush()
+        with open(os.path.join(self.workdir, "gunicorn.log")) as fh:
+            return fh.read()
