@@ -1,0 +1,198 @@
+"""The one narrow interface every upstream adaptor implements.
+
+An adaptor knows its provider's wire format and nothing about keys, credits
+or logs. The relay builds a `Call`, picks a `Target` (channel + upstream model
+name) and calls `adaptor.send(call)`. It gets back a `Reply` whose bytes are
+already in the client's wire format (OpenAI for /v1/chat/completions etc.,
+Anthropic for /v1/messages), and whose `usage` is complete once the body was
+read or the stream exhausted.
+
+Failures before the first byte raise `UpstreamFailure` (the relay may retry on
+another channel when `.retryable`); a break after the first byte raises
+`StreamBroken` from `Reply.chunks()`.
+"""
+import json
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from blueprints.api.errors import ApiError
+
+# Endpoint names used by Call.endpoint; an adaptor serves those it has send_<name> for.
+ENDPOINTS = ("chat", "completions", "embeddings", "responses", "images",
+             "audio_speech", "audio_transcriptions", "audio_translations", "messages")
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0  # includes cached tokens, as OpenAI reports them
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    reported: bool = False  # True once the upstream told us; False means count locally
+
+    def add_reported(self, prompt=None, completion=None, cached=None):
+        """Record numbers the upstream reported (None leaves a field as it was)."""
+        if prompt is not None:
+            self.prompt_tokens = int(prompt)
+        if completion is not None:
+            self.completion_tokens = int(completion)
+        if cached is not None:
+            self.cached_tokens = int(cached)
+        self.reported = True
+
+
+@dataclass
+class Call:
+    """One client request, as the relay parsed it."""
+    endpoint: str  # one of ENDPOINTS
+    model: str  # the public model name the client asked for
+    body: dict | None  # parsed JSON body; None for multipart uploads
+    raw_body: bytes  # the body exactly as received
+    content_type: str
+    stream: bool = False
+    wants_usage: bool = False  # OpenAI streams: client set stream_options.include_usage
+    request_id: str = ""
+    headers: dict = field(default_factory=dict)  # client headers an adaptor may forward (anthropic-beta...)
+
+    def json_with(self, **changes):
+        """The JSON body with top-level fields replaced, e.g. the upstream model name."""
+        body = dict(self.body or {})
+        body.update(changes)
+        return body
+
+
+@dataclass
+class Target:
+    """Where one attempt goes: a channel and the model name that channel expects."""
+    channel_id: int
+    channel_name: str
+    type: str
+    base_url: str
+    api_key: str
+    upstream_model: str
+
+
+class UpstreamFailure(Exception):
+    """The upstream failed before any byte reached the client."""
+
+    def __init__(self, kind, message, status=None, retry_after=None, error_type=None,
+                 error_code=None):
+        super().__init__(message)
+        self.kind = kind  # "connect" | "timeout" | "status" | "bad_response"
+        self.message = message
+        self.status = status  # the upstream's HTTP status, when it answered
+        self.retry_after = retry_after
+        self.error_type = error_type  # the upstream's own error type, passed through on 4xx
+        self.error_code = error_code
+
+    @property
+    def retryable(self):
+        """Connect errors, timeouts, 5xx, 429 and garbage are worth another channel."""
+        if self.kind != "status":
+            return True
+        return self.status == 429 or self.status >= 500
+
+
+class StreamBroken(Exception):
+    """The upstream stream ended abnormally after bytes went to the client."""
+
+
+class Reply:
+    """What an adaptor returns: a whole body or a stream, in the client's wire format."""
+
+    def __init__(self, status=200, content_type="application/json", body=None, chunks=None,
+                 usage=None, headers=None, close=None):
+        self.status = status
+        self.content_type = content_type
+        self.body = body  # bytes, for non-stream replies
+        self._chunks = chunks  # iterator of bytes, for streams
+        self.usage = usage or Usage()
+        self.headers = headers or {}  # extra headers for the client (e.g. audio content-disposition)
+        self.output_text = []  # text pieces generated, for counting when usage is missing
+        self._close = close
+
+    @property
+    def is_stream(self):
+        return self._chunks is not None
+
+    def chunks(self) -> Iterator[bytes]:
+        return self._chunks
+
+    def close(self):
+        """Close the upstream connection (idempotent)."""
+        if self._close is not None:
+            close, self._close = self._close, None
+            close()
+
+
+class Adaptor:
+    """Base of every adaptor. Subclasses define send_<endpoint>(call) -> Reply."""
+    type = "base"
+
+    def __init__(self, target, http, timeout):
+        self.target = target
+        self.http = http  # the worker's pooled requests.Session
+        self.timeout = timeout  # (connect seconds, read seconds)
+
+    def send(self, call) -> Reply:
+        """Send `call` upstream; raises UpstreamFailure before the first byte."""
+        handler = getattr(self, "send_" + call.endpoint, None)
+        if handler is None:
+            raise ApiError(400, "unsupported_endpoint",
+                           f"Model {call.model} is served by a {self.type} channel, "
+                           f"which does not support this endpoint.")
+        return handler(call)
+
+    def send_messages(self, call) -> Reply:
+        """Anthropic Messages in, through this adaptor's chat, Anthropic Messages out."""
+        from blueprints.api.providers import anthropic_convert
+        return anthropic_convert.messages_via_chat(self, call)
+
+    # Helpers for subclasses ------------------------------------------------------------
+
+    def url(self, path, version="v1"):
+        """base_url + /<version>/path, accepting a base URL that already ends in /<version>."""
+        base = self.target.base_url.rstrip("/")
+        if base.endswith("/" + version):
+            base = base[: -len(version) - 1]
+        return f"{base}/{version}/{path.lstrip('/')}"
+
+
+def sse_events(response, chunk_size=None) -> Iterator[bytes]:
+    """Split an upstream SSE byte stream into whole events (without the blank line).
+
+    Yields each event as soon as its terminating blank line arrives, so nothing
+    is held back longer than it takes to see the event end.
+    """
+    buffer = b""
+    for piece in response.iter_content(chunk_size=chunk_size):
+        if not piece:
+            continue
+        buffer += piece.replace(b"\r\n", b"\n")
+        while True:
+            end = buffer.find(b"\n\n")
+            if end < 0:
+                break
+            event, buffer = buffer[:end], buffer[end + 2:]
+            if event.strip():
+                yield event
+    if buffer.strip():
+        yield buffer
+
+
+def sse_data(event: bytes):
+    """The (event name, data text) of one SSE event; data lines joined by newlines."""
+    name = None
+    data = []
+    for line in event.split(b"\n"):
+        if line.startswith(b"data:"):
+            data.append(line[5:].lstrip(b" ").decode("utf-8", "replace"))
+        elif line.startswith(b"event:"):
+            name = line[6:].strip().decode()
+    return name, "\n".join(data)
+
+
+def sse_encode(data, event=None) -> bytes:
+    """One SSE event; `data` is a dict (JSON-encoded) or a ready string."""
+    text = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    head = f"event: {event}\n" if event else ""
+    return f"{head}data: {text}\n\n".encode()
