@@ -1,4 +1,131 @@
-"""The /v1 gateway endpoints (thin: each hands its call to the relay)."""
-from flask import Blueprint
+"""The /v1 gateway endpoints. Thin: each hands its endpoint name to the relay."""
+import time
+import uuid
+
+from flask import Blueprint, g, jsonify, request
+
+from blueprints.api import billing
+from blueprints.api.errors import ApiError
+from blueprints.api.relay import authenticate, relay
+from extensions import db
+from models import ApiKey, Channel, ChannelModel
 
 bp = Blueprint("api", __name__, url_prefix="/v1")
+
+
+@bp.before_app_request
+def assign_request_id():
+    """Every response carries x-request-id; the log row stores the same id."""
+    if request.path.startswith("/v1"):
+        g.request_id = "req_" + uuid.uuid4().hex
+
+
+@bp.after_app_request
+def expose_request_id(response):
+    request_id = g.get("request_id")
+    if request_id:
+        response.headers["x-request-id"] = request_id
+    return response
+
+
+@bp.post("/chat/completions")
+def chat_completions():
+    return relay("chat")
+
+
+@bp.post("/completions")
+def completions():
+    return relay("completions")
+
+
+@bp.post("/embeddings")
+def embeddings():
+    return relay("embeddings")
+
+
+@bp.post("/responses")
+def responses():
+    return relay("responses")
+
+
+@bp.post("/images/generations")
+def images_generations():
+    return relay("images")
+
+
+@bp.post("/audio/speech")
+def audio_speech():
+    return relay("audio_speech")
+
+
+@bp.post("/audio/transcriptions")
+def audio_transcriptions():
+    return relay("audio_transcriptions")
+
+
+@bp.post("/audio/translations")
+def audio_translations():
+    return relay("audio_translations")
+
+
+@bp.post("/messages")
+def messages():
+    return relay("messages")
+
+
+# --- models -------------------------------------------------------------------------------
+
+def _model_object(name, created):
+    return {"id": name, "object": "model", "created": created, "owned_by": "tokenopen"}
+
+
+def _usable_models(key):
+    rows = db.session.execute(
+        db.select(ChannelModel.public_name, db.func.min(Channel.created_at))
+        .join(Channel, Channel.id == ChannelModel.channel_id)
+        .where(Channel.enabled.is_(True)).group_by(ChannelModel.public_name)
+        .order_by(ChannelModel.public_name)).all()
+    return [(name, int(created.timestamp()) if created else int(time.time()))
+            for name, created in rows if key.may_use(name)]
+
+
+@bp.get("/models")
+def list_models():
+    """Only the models this key may use."""
+    key = authenticate()
+    data = [_model_object(name, created) for name, created in _usable_models(key)]
+    return jsonify(object="list", data=data)
+
+
+@bp.get("/models/<path:model_id>")
+def retrieve_model(model_id):
+    key = authenticate()
+    for name, created in _usable_models(key):
+        if name == model_id:
+            return jsonify(_model_object(name, created))
+    raise ApiError(404, "model_not_found", f"The model `{model_id}` does not exist.",
+                   param="model")
+
+
+# --- the legacy billing endpoints chat front-ends poll --------------------------------------
+
+def _key_and_user():
+    key = db.session.get(ApiKey, authenticate().id)
+    return key, key.user
+
+
+@bp.get("/dashboard/billing/subscription")
+def billing_subscription():
+    key, user = _key_and_user()
+    return jsonify(billing.subscription_summary(user, key))
+
+
+@bp.get("/dashboard/billing/usage")
+def billing_usage():
+    key, user = _key_and_user()
+    try:
+        body = billing.usage_total(user, key, request.args.get("start_date"),
+                                   request.args.get("end_date"))
+    except ValueError as err:
+        raise ApiError(400, "invalid_request_error", str(err)) from None
+    return jsonify(body)

@@ -1,0 +1,47 @@
+"""The adaptor registry: one adaptor class per channel type."""
+import requests
+from flask import current_app
+
+from blueprints.api.providers.base import Target
+from blueprints.api.providers.mock import MockAdaptor
+from blueprints.api.providers.openai import OpenAIAdaptor
+
+ADAPTORS = {
+    "openai": OpenAIAdaptor,  # OpenAI and every compatible API: DeepSeek, Qwen, vLLM, Ollama...
+    "mock": MockAdaptor,
+}
+
+_http = None
+
+
+def http_session():
+    """The worker's one pooled requests.Session for every upstream call."""
+    global _http
+    if _http is None:
+        session = requests.Session()
+        adapter = requests.adapters.HTTPAdapter(pool_connections=32, pool_maxsize=256)
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
+        _http = session
+    return _http
+
+
+def timeouts():
+    """(connect, read) seconds: connect is short so a dead upstream fails over fast."""
+    config = current_app.config
+    return (config["UPSTREAM_CONNECT_TIMEOUT"], config["UPSTREAM_TIMEOUT"])
+
+
+def build_adaptor(target):
+    """The adaptor for a Target (a channel plus the upstream model name)."""
+    return ADAPTORS[target.type](target, http_session(), timeouts())
+
+
+def adaptor_for(channel, public_model=None):
+    """The adaptor for a Channel row, aimed at `public_model` (default: its first model)."""
+    rows = channel.model_rows
+    row = next((r for r in rows if r.public_name == public_model), rows[0] if rows else None)
+    target = Target(channel_id=channel.id, channel_name=channel.name, type=channel.type,
+                    base_url=channel.base_url, api_key=channel.api_key,
+                    upstream_model=row.upstream_name if row else (public_model or ""))
+    return build_adaptor(target)

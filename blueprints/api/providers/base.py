@@ -52,6 +52,8 @@ class Call:
     wants_usage: bool = False  # OpenAI streams: client set stream_options.include_usage
     request_id: str = ""
     headers: dict = field(default_factory=dict)  # client headers an adaptor may forward (anthropic-beta...)
+    form: dict = field(default_factory=dict)  # multipart text fields (audio uploads)
+    files: list = field(default_factory=list)  # multipart files: (field, filename, bytes, type)
 
     def json_with(self, **changes):
         """The JSON body with top-level fields replaced, e.g. the upstream model name."""

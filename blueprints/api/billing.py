@@ -1,0 +1,528 @@
+"""Pricing, reservations, settlement and the ledger: integer micro-credits only.
+
+Every balance change is one conditional UPDATE (no read-then-write) plus a LedgerEntry
+in the same transaction, so concurrent requests can never spend the same credits twice
+and sum(ledger) == balance for every user. Lock order everywhere is
+reservation row -> user row -> key row, so PostgreSQL never deadlocks on these paths;
+write transactions start with a write (never a SELECT) so SQLite's WAL snapshots never
+need an upgrade that could fail.
+"""
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta, timezone
+from fractions import Fraction
+
+from flask import current_app
+from sqlalchemy import delete, func, insert, or_, select, update
+
+from blueprints.api.errors import ApiError
+from extensions import db
+from models import MICRO, ApiKey, LedgerEntry, ModelPrice, RedemptionCode, RequestLog, \
+    Reservation, User, utcnow
+from money import format_credits
+
+TOKENS_PER_PRICE_UNIT = 1_000_000  # prices are per 1M tokens
+USERS = User.__table__
+KEYS = ApiKey.__table__
+RESERVATIONS = Reservation.__table__
+CODES = RedemptionCode.__table__
+
+
+# --- prices ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Price:
+    """A model's price: micro-credits per 1M tokens, and a flat micro-credit per-request fee."""
+    model: str
+    input_micro: int
+    output_micro: int
+    cached_input_micro: int
+    per_request_micro: int
+
+    @classmethod
+    def from_row(cls, row):
+        """A Price from a ModelPrice row (a missing cached-input price means the input price)."""
+        cached = row.input_micro if row.cached_input_micro is None else row.cached_input_micro
+        return cls(row.model, int(row.input_micro or 0), int(row.output_micro or 0),
+                   int(cached or 0), int(row.per_request_micro or 0))
+
+    @property
+    def is_free(self):
+        return not (self.input_micro or self.output_micro or self.cached_input_micro
+                    or self.per_request_micro)
+
+
+_price_cache = {}  # model -> (expires at monotonic seconds, Price | None)
+_price_cache_lock = threading.Lock()
+
+
+def invalidate_prices():
+    """Forget cached prices in this process (call after a price changes)."""
+    with _price_cache_lock:
+        _price_cache.clear()
+
+
+def price_for(model):
+    """The model's price (cached per worker for current_app.config['CACHE_TTL'] s), None if unpriced."""
+    ttl = current_app.config.get("CACHE_TTL") or 0
+    now = time.monotonic()
+    if ttl > 0:
+        hit = _price_cache.get(model)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+    row = db.session.scalar(select(ModelPrice).filter_by(model=model))
+    price = Price.from_row(row) if row is not None else None
+    if ttl > 0:
+        with _price_cache_lock:
+            _price_cache[model] = (now + ttl, price)
+    return price
+
+
+def set_price(model, input_micro, output_micro, cached_input_micro=None, per_request_micro=0):
+    """Create or replace a model's price (micro-credits per 1M tokens); commits."""
+    model = (model or "").strip()
+    if not model:
+        raise ValueError("model name is required")
+    for name, value in (("input", input_micro), ("output", output_micro),
+                        ("cached input", cached_input_micro), ("per request", per_request_micro)):
+        if value is not None and (not isinstance(value, int) or value < 0):
+            raise ValueError(f"{name} price must be a non-negative amount of credits")
+    row = db.session.scalar(select(ModelPrice).filter_by(model=model)) or ModelPrice(model=model)
+    row.input_micro = input_micro
+    row.output_micro = output_micro
+    row.cached_input_micro = cached_input_micro
+    row.per_request_micro = per_request_micro or 0
+    db.session.add(row)
+    db.session.commit()
+    invalidate_prices()
+    return row
+
+
+def delete_price(model):
+    """Remove a model's price (the model is then refused); returns False if it had none."""
+    row = db.session.scalar(select(ModelPrice).filter_by(model=model))
+    if row is None:
+        return False
+    db.session.delete(row)
+    db.session.commit()
+    invalidate_prices()
+    return True
+
+
+def cost_micro(price, prompt_tokens, completion_tokens, cached_tokens, multiplier_ppm):
+    """SPEC §9: (((prompt-cached)*in + cached*cached_in + completion*out)/1M + per_request)
+    * multiplier, rounded UP to a whole micro-credit once. Pure integer arithmetic."""
+    prompt = max(int(prompt_tokens or 0), 0)
+    cached = min(max(int(cached_tokens or 0), 0), prompt)  # prompt_tokens includes cached ones
+    completion = max(int(completion_tokens or 0), 0)
+    # Everything scaled by 1M tokens (price unit) and by 1M ppm, divided once at the end.
+    scaled = ((prompt - cached) * price.input_micro + cached * price.cached_input_micro
+              + completion * price.output_micro
+              + price.per_request_micro * TOKENS_PER_PRICE_UNIT) * max(int(multiplier_ppm), 0)
+    return -(-scaled // (TOKENS_PER_PRICE_UNIT * MICRO))  # ceiling division
+
+
+def hold_estimate_micro(price, prompt_tokens, max_output_tokens, multiplier_ppm):
+    """What to reserve before forwarding (cost of prompt estimate + max output)."""
+    # No cache discount assumed: the hold is an upper bound of the final cost.
+    upper = Price(price.model, max(price.input_micro, price.cached_input_micro),
+                  price.output_micro, price.cached_input_micro, price.per_request_micro)
+    return cost_micro(upper, prompt_tokens, max_output_tokens, 0, multiplier_ppm)
+
+
+# --- reservations ------------------------------------------------------------------------
+
+@dataclass
+class Hold:
+    """Credits reserved for one in-flight request."""
+    request_id: str
+    user_id: int
+    key_id: int | None
+    amount_micro: int
+    reservation_id: int | None  # None when amount is 0 (free model: nothing written)
+
+
+def _expire(model, row_id):
+    """Mark a cached ORM object stale after a Core UPDATE changed its row."""
+    obj = db.session.identity_map.get(db.session.identity_key(model, row_id))
+    if obj is not None:
+        db.session.expire(obj)
+
+
+def _credits(micro):
+    return format_credits(micro)
+
+
+def reserve_credits(user_id, key_id, request_id, amount_micro):
+    """One atomic conditional UPDATE on the user (available = balance - reserved >= amount)
+    and one on the key (spent + reserved + amount <= credit_limit when it has a limit), plus a
+    Reservation row; COMMITS. Raises ApiError(402, 'insufficient_credits', ...) or
+    ApiError(402, 'key_credit_limit', ...) and leaves nothing behind."""
+    amount = int(amount_micro)
+    if amount < 0:
+        raise ValueError("a reservation cannot be negative")
+    if amount == 0:
+        return Hold(request_id, user_id, key_id, 0, None)
+    try:
+        took = db.session.execute(
+            update(USERS).where(USERS.c.id == user_id,
+                                USERS.c.balance_micro - USERS.c.reserved_micro >= amount)
+            .values(reserved_micro=USERS.c.reserved_micro + amount))
+        if took.rowcount != 1:
+            db.session.rollback()
+            raise _insufficient(user_id, amount)
+        if key_id is not None:
+            took = db.session.execute(
+                update(KEYS).where(KEYS.c.id == key_id, or_(
+                    KEYS.c.credit_limit_micro.is_(None),
+                    KEYS.c.spent_micro + KEYS.c.reserved_micro + amount
+                    <= KEYS.c.credit_limit_micro))
+                .values(reserved_micro=KEYS.c.reserved_micro + amount))
+            if took.rowcount != 1:
+                db.session.rollback()
+                raise _key_limit(key_id, amount)
+        inserted = db.session.execute(insert(RESERVATIONS).values(
+            request_id=request_id, user_id=user_id, key_id=key_id, amount_micro=amount,
+            created_at=utcnow()))
+        reservation_id = inserted.inserted_primary_key[0]
+        db.session.commit()
+    except BaseException:
+        db.session.rollback()
+        raise
+    _expire(User, user_id)
+    if key_id is not None:
+        _expire(ApiKey, key_id)
+    return Hold(request_id, user_id, key_id, amount, reservation_id)
+
+
+def _insufficient(user_id, amount):
+    row = db.session.execute(select(USERS.c.balance_micro, USERS.c.reserved_micro)
+                             .where(USERS.c.id == user_id)).first()
+    available = max(row.balance_micro - row.reserved_micro, 0) if row else 0
+    in_flight = (f" ({_credits(row.reserved_micro)} credits are held by requests in flight)"
+                 if row and row.reserved_micro else "")
+    return ApiError(402, "insufficient_credits",
+                    f"Insufficient credits: this request may cost up to {_credits(amount)} "
+                    f"credits; your available balance is {_credits(available)}{in_flight}. "
+                    "Top up your wallet or lower max_tokens.")
+
+
+def _key_limit(key_id, amount):
+    row = db.session.execute(select(KEYS.c.credit_limit_micro, KEYS.c.spent_micro,
+                                    KEYS.c.reserved_micro).where(KEYS.c.id == key_id)).first()
+    if row is None:
+        return ApiError(402, "key_credit_limit", "This API key no longer exists.")
+    left = max(row.credit_limit_micro - row.spent_micro - row.reserved_micro, 0)
+    return ApiError(402, "key_credit_limit",
+                    f"This API key's credit limit is reached: this request may cost up to "
+                    f"{_credits(amount)} credits and the key has {_credits(left)} of its "
+                    f"{_credits(row.credit_limit_micro)}-credit limit left. Ask for a higher "
+                    "limit or lower max_tokens.")
+
+
+def _release_reservation(reservation_id, user_id, key_id, amount):
+    """Delete the reservation and give its amount back; 0 if someone else already did."""
+    if reservation_id is None:
+        return 0
+    gone = db.session.execute(delete(RESERVATIONS).where(RESERVATIONS.c.id == reservation_id))
+    if gone.rowcount != 1:
+        return 0  # the sweeper (or an earlier settle) released it already
+    db.session.execute(update(USERS).where(USERS.c.id == user_id)
+                       .values(reserved_micro=USERS.c.reserved_micro - amount))
+    if key_id is not None:
+        db.session.execute(update(KEYS).where(KEYS.c.id == key_id)
+                           .values(reserved_micro=KEYS.c.reserved_micro - amount))
+    return amount
+
+
+def settle_credits(hold, cost_micro, note=None):
+    """In the CALLER's transaction (does not commit): release the hold, charge
+    min(cost, what the wallet can cover) so the balance never goes negative, add the key's
+    spent, delete the Reservation row (if the sweeper already released it, do not release
+    twice), write a LedgerEntry(kind='charge', amount=-charged, request_id=hold.request_id).
+    Returns the micro-credits actually charged (0 writes no ledger row)."""
+    cost = max(int(cost_micro), 0)
+    _release_reservation(hold.reservation_id, hold.user_id, hold.key_id, hold.amount_micro)
+    charged = 0
+    if cost:
+        # This no-op write takes the user's row lock (PostgreSQL) / the write lock (SQLite)
+        # before the balance is read, so nothing changes it between the read and the charge.
+        db.session.execute(update(USERS).where(USERS.c.id == hold.user_id)
+                           .values(balance_micro=USERS.c.balance_micro))
+        row = db.session.execute(select(USERS.c.balance_micro, USERS.c.reserved_micro)
+                                 .where(USERS.c.id == hold.user_id)).first()
+        if row is not None:
+            # What is not held for other in-flight requests covers this one.
+            charged = min(cost, max(row.balance_micro - row.reserved_micro, 0))
+    if charged:
+        db.session.execute(update(USERS).where(USERS.c.id == hold.user_id)
+                           .values(balance_micro=USERS.c.balance_micro - charged))
+        db.session.add(LedgerEntry(user_id=hold.user_id, kind="charge", amount_micro=-charged,
+                                   balance_after_micro=row.balance_micro - charged, note=note,
+                                   request_id=hold.request_id))
+        if hold.key_id is not None:
+            db.session.execute(update(KEYS).where(KEYS.c.id == hold.key_id)
+                               .values(spent_micro=KEYS.c.spent_micro + charged))
+    _expire(User, hold.user_id)
+    if hold.key_id is not None:
+        _expire(ApiKey, hold.key_id)
+    return charged
+
+
+def release_credits(hold):
+    """Give a hold back untouched (request failed before anything was generated); commits."""
+    try:
+        _release_reservation(hold.reservation_id, hold.user_id, hold.key_id, hold.amount_micro)
+        db.session.commit()
+    except BaseException:
+        db.session.rollback()
+        raise
+    _expire(User, hold.user_id)
+    if hold.key_id is not None:
+        _expire(ApiKey, hold.key_id)
+
+
+def default_reservation_ttl():
+    """Seconds after which a reservation is presumed orphaned by a dead worker."""
+    config = current_app.config
+    return int(config.get("RESERVATION_TTL") or (config.get("UPSTREAM_TIMEOUT", 600) + 120))
+
+
+def sweep_reservations(max_age_seconds=None):
+    """Release reservations older than max_age (their worker died); returns how many."""
+    if max_age_seconds is None:
+        max_age_seconds = default_reservation_ttl()
+    cutoff = utcnow() - timedelta(seconds=int(max_age_seconds))
+    stale = db.session.execute(
+        select(RESERVATIONS.c.id, RESERVATIONS.c.user_id, RESERVATIONS.c.key_id,
+               RESERVATIONS.c.amount_micro)
+        .where(RESERVATIONS.c.created_at < cutoff).order_by(RESERVATIONS.c.id)).all()
+    db.session.commit()  # end the read so each release starts with its write
+    released = 0
+    for row in stale:
+        try:
+            if _release_reservation(row.id, row.user_id, row.key_id, row.amount_micro):
+                released += 1
+            db.session.commit()
+        except BaseException:
+            db.session.rollback()
+            raise
+        _expire(User, row.user_id)
+        if row.key_id is not None:
+            _expire(ApiKey, row.key_id)
+    return released
+
+
+# --- grants, codes -----------------------------------------------------------------------
+
+def grant_credits(user_id, amount_micro, kind="grant", note=None, created_by_id=None):
+    """Add (or with a negative amount deduct, never below zero available) credits; ledger row; commits."""
+    amount = int(amount_micro)
+    if kind not in ("grant", "adjustment", "refund"):
+        raise ValueError(f"unknown ledger kind for a grant: {kind}")
+    if amount == 0:
+        raise ValueError("the amount must not be zero")
+    try:
+        conditions = [USERS.c.id == user_id]
+        if amount < 0:
+            conditions.append(USERS.c.balance_micro - USERS.c.reserved_micro + amount >= 0)
+        took = db.session.execute(update(USERS).where(*conditions)
+                                  .values(balance_micro=USERS.c.balance_micro + amount))
+        if took.rowcount != 1:
+            db.session.rollback()
+            row = db.session.execute(select(USERS.c.balance_micro, USERS.c.reserved_micro)
+                                     .where(USERS.c.id == user_id)).first()
+            if row is None:
+                raise ValueError("no such user")
+            raise ValueError(f"cannot deduct {_credits(-amount)} credits: the available "
+                             f"balance is {_credits(row.balance_micro - row.reserved_micro)}")
+        balance = db.session.scalar(select(USERS.c.balance_micro).where(USERS.c.id == user_id))
+        entry = LedgerEntry(user_id=user_id, kind=kind, amount_micro=amount,
+                            balance_after_micro=balance, note=note, created_by_id=created_by_id)
+        db.session.add(entry)
+        db.session.commit()
+    except BaseException:
+        db.session.rollback()
+        raise
+    _expire(User, user_id)
+    return entry
+
+
+def create_codes(amount_micro, count, expires_at=None, created_by_id=None):
+    """Create `count` single-use codes worth `amount_micro` each, as one batch; commits."""
+    amount, count = int(amount_micro), int(count)
+    if amount <= 0:
+        raise ValueError("a code must be worth more than 0 credits")
+    if not 1 <= count <= 10_000:
+        raise ValueError("count must be between 1 and 10000")
+    batch = secrets.token_hex(6)
+    codes = [RedemptionCode.new_code() for _ in range(count)]
+    db.session.add_all(RedemptionCode(code=code, amount_micro=amount, batch=batch,
+                                      expires_at=expires_at, created_by_id=created_by_id)
+                       for code in codes)
+    db.session.commit()
+    return codes
+
+
+def redeem_code(user_id, code):
+    """Credit a redemption code once even under concurrent attempts; returns micro-credits.
+    Raises ValueError('...') with a human message for unknown/used/expired codes.
+    On success the caller's pending rows are committed with it; on failure rolled back."""
+    code = (code or "").strip().lower()
+    if not code:
+        raise ValueError("Enter a redemption code.")
+    now = utcnow()
+    try:
+        # redeemed_at (not redeemed_by_id, which is nulled when a user is deleted) marks use.
+        took = db.session.execute(
+            update(CODES).where(CODES.c.code == code, CODES.c.redeemed_at.is_(None),
+                                or_(CODES.c.expires_at.is_(None), CODES.c.expires_at > now))
+            .values(redeemed_at=now, redeemed_by_id=user_id))
+        if took.rowcount != 1:
+            db.session.rollback()
+            raise ValueError(_why_unusable(code, now))
+        amount = db.session.scalar(select(CODES.c.amount_micro).where(CODES.c.code == code))
+        took = db.session.execute(update(USERS).where(USERS.c.id == user_id)
+                                  .values(balance_micro=USERS.c.balance_micro + amount))
+        if took.rowcount != 1:
+            db.session.rollback()
+            raise ValueError("no such user")
+        balance = db.session.scalar(select(USERS.c.balance_micro).where(USERS.c.id == user_id))
+        db.session.add(LedgerEntry(user_id=user_id, kind="redemption", amount_micro=amount,
+                                   balance_after_micro=balance,
+                                   note=f"code {code[:6]}…{code[-4:]}"))
+        db.session.commit()
+    except BaseException:
+        db.session.rollback()
+        raise
+    _expire(User, user_id)
+    return amount
+
+
+def _why_unusable(code, now):
+    row = db.session.execute(select(CODES.c.redeemed_at, CODES.c.expires_at)
+                             .where(CODES.c.code == code)).first()
+    if row is None:
+        return "That redemption code does not exist. Check it for typos."
+    if row.redeemed_at is not None:
+        return "That redemption code has already been used."
+    return "That redemption code has expired."
+
+
+# --- audit -------------------------------------------------------------------------------
+
+def check_ledger():
+    """Human-readable drift lines: users whose sum(ledger) != balance, or whose open
+    reservations != reserved_micro, or keys whose reserved != their open reservations. [] = clean."""
+    ledger = (select(LedgerEntry.user_id, func.sum(LedgerEntry.amount_micro).label("total"))
+              .group_by(LedgerEntry.user_id).subquery())
+    held = (select(RESERVATIONS.c.user_id, func.sum(RESERVATIONS.c.amount_micro).label("total"))
+            .group_by(RESERVATIONS.c.user_id).subquery())
+    users = db.session.execute(
+        select(USERS.c.id, USERS.c.email, USERS.c.balance_micro, USERS.c.reserved_micro,
+               func.coalesce(ledger.c.total, 0).label("ledger"),
+               func.coalesce(held.c.total, 0).label("held"))
+        .outerjoin(ledger, ledger.c.user_id == USERS.c.id)
+        .outerjoin(held, held.c.user_id == USERS.c.id).order_by(USERS.c.id)).all()
+    lines = []
+    for u in users:
+        if u.balance_micro != u.ledger:
+            lines.append(f"user {u.email}: balance {_credits(u.balance_micro)} but the ledger "
+                         f"sums to {_credits(u.ledger)} "
+                         f"(drift {_credits(u.balance_micro - u.ledger)})")
+        if u.reserved_micro != u.held:
+            lines.append(f"user {u.email}: reserved {_credits(u.reserved_micro)} but open "
+                         f"reservations hold {_credits(u.held)}")
+        if u.balance_micro < 0:
+            lines.append(f"user {u.email}: negative balance {_credits(u.balance_micro)}")
+    key_held = (select(RESERVATIONS.c.key_id, func.sum(RESERVATIONS.c.amount_micro)
+                       .label("total")).group_by(RESERVATIONS.c.key_id).subquery())
+    keys = db.session.execute(
+        select(KEYS.c.id, KEYS.c.name, KEYS.c.prefix, KEYS.c.last4, KEYS.c.reserved_micro,
+               func.coalesce(key_held.c.total, 0).label("held"))
+        .outerjoin(key_held, key_held.c.key_id == KEYS.c.id)
+        .where(KEYS.c.reserved_micro != func.coalesce(key_held.c.total, 0))
+        .order_by(KEYS.c.id)).all()
+    for k in keys:
+        lines.append(f"key {k.name!r} ({k.prefix}…{k.last4}): reserved "
+                     f"{_credits(k.reserved_micro)} but open reservations hold "
+                     f"{_credits(k.held)}")
+    db.session.commit()
+    return lines
+
+
+def user_count():
+    """How many users check_ledger looked at."""
+    return db.session.scalar(select(func.count()).select_from(USERS))
+
+
+# --- the legacy OpenAI billing endpoints ---------------------------------------------------
+
+def _json_number(micro, per_unit=MICRO):
+    """micro-credits -> a JSON number of `per_unit`-sized units, for chat front-ends.
+
+    JSON numbers are binary floats to every client, so the exact integer ratio is
+    converted once, here, for display; no money arithmetic ever uses the result."""
+    whole, rest = divmod(int(micro), per_unit)
+    return whole if rest == 0 else float(Fraction(int(micro), per_unit))
+
+
+def _spent_micro(user_id):
+    """All credits ever charged to a user (positive), from the ledger."""
+    total = db.session.scalar(select(func.coalesce(func.sum(LedgerEntry.amount_micro), 0))
+                              .where(LedgerEntry.user_id == user_id,
+                                     LedgerEntry.kind == "charge"))
+    return -int(total or 0)
+
+
+def subscription_summary(user, key):
+    """Body of GET /v1/dashboard/billing/subscription (OpenAI's old shape, 1 credit = 1 USD).
+
+    hard_limit_usd is balance + spent for the wallet, or the key's credit limit when the key
+    has one, so a front-end's `hard_limit_usd - total_usage / 100` is what is left."""
+    if key is not None and key.credit_limit_micro is not None:
+        limit = key.credit_limit_micro
+    else:
+        limit = user.balance_micro + _spent_micro(user.id)
+    expires = key.expires_at if key is not None else None
+    access_until = int(expires.replace(tzinfo=timezone.utc).timestamp()) if expires else 0
+    return {
+        "object": "billing_subscription",
+        "has_payment_method": True,
+        "soft_limit_usd": _json_number(limit),
+        "hard_limit_usd": _json_number(limit),
+        "system_hard_limit_usd": _json_number(limit),
+        "access_until": access_until,
+    }
+
+
+def parse_billing_date(value):
+    """'2024-05-01' (or a date/datetime) -> a naive UTC datetime at that day's start."""
+    if isinstance(value, datetime):
+        return value.replace(tzinfo=None)
+    if isinstance(value, date):
+        return datetime(value.year, value.month, value.day)
+    try:
+        return datetime.strptime(str(value).strip(), "%Y-%m-%d")
+    except ValueError:
+        raise ValueError(f"dates must look like 2024-05-31, got {value!r}") from None
+
+
+def usage_total(user, key, start_date, end_date):
+    """Body of GET /v1/dashboard/billing/usage: total_usage in hundredths of a credit.
+
+    start_date is inclusive and end_date exclusive, as OpenAI's endpoint had them. A key with
+    a credit limit reports its own usage (matching its hard_limit_usd), otherwise the user's."""
+    start, end = parse_billing_date(start_date), parse_billing_date(end_date)
+    if end <= start:
+        raise ValueError("end_date must be after start_date")
+    query = select(func.coalesce(func.sum(RequestLog.credits_micro), 0)).where(
+        RequestLog.created_at >= start, RequestLog.created_at < end)
+    if key is not None and key.credit_limit_micro is not None:
+        query = query.where(RequestLog.key_id == key.id)
+    else:
+        query = query.where(RequestLog.user_id == user.id)
+    micro = int(db.session.scalar(query) or 0)
+    return {"object": "list", "total_usage": _json_number(micro, MICRO // 100)}

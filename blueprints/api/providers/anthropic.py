@@ -1,0 +1,213 @@
+"""Anthropic upstreams: POST {base}/v1/messages with x-api-key and anthropic-version.
+
+OpenAI chat calls are converted both ways (anthropic_convert); Anthropic Messages calls
+pass through untouched except for the model name, events forwarded as they arrive.
+"""
+import json
+
+import requests
+
+from blueprints.api.providers.anthropic_convert import (
+    AnthropicUsageTracker, anthropic_stream_to_openai, anthropic_to_openai_response,
+    openai_to_anthropic_request,
+)
+from blueprints.api.providers.base import (
+    Adaptor, Reply, StreamBroken, UpstreamFailure, sse_data, sse_events,
+)
+from blueprints.api.providers.openai import upstream_error
+
+ANTHROPIC_VERSION = "2023-06-01"
+FORWARDED_HEADERS = ("anthropic-beta",)  # client headers that change what the upstream does
+
+
+def header_value(headers, name):
+    """A header from a plain dict, whatever its case."""
+    for key, value in (headers or {}).items():
+        if key.lower() == name:
+            return value
+    return None
+
+
+def post_json(adaptor, url, body, headers, stream):
+    """POST JSON upstream; UpstreamFailure for connect errors, timeouts and non-2xx answers."""
+    headers = dict(headers, **{"Content-Type": "application/json"})
+    try:
+        response = adaptor.http.post(url, data=json.dumps(body).encode(), headers=headers,
+                                     stream=stream, timeout=adaptor.timeout)
+    except requests.ConnectTimeout as err:
+        raise UpstreamFailure("connect", f"could not connect to upstream: {err}") from None
+    except requests.Timeout:
+        raise UpstreamFailure("timeout", "upstream did not answer in time") from None
+    except requests.RequestException as err:
+        raise UpstreamFailure("connect", f"could not reach upstream: {type(err).__name__}") \
+            from None
+    return response
+
+
+def read_json(response):
+    """The JSON body of a 2xx answer, or UpstreamFailure("bad_response")."""
+    try:
+        payload = json.loads(response.content)
+    except (ValueError, requests.RequestException):
+        raise UpstreamFailure("bad_response", "upstream sent a body that is not JSON") from None
+    finally:
+        response.close()
+    if not isinstance(payload, dict):
+        raise UpstreamFailure("bad_response", "upstream sent an unexpected JSON body")
+    return payload
+
+
+def first_then_rest(events):
+    """Read the first event now (so failures surface before any byte is sent), then the rest.
+
+    Returns (first event or None, iterator over all events including the first).
+    """
+    try:
+        first = next(events, None)
+    except requests.Timeout:
+        raise UpstreamFailure("timeout", "upstream did not start the stream in time") from None
+    except (requests.RequestException, OSError) as err:
+        raise UpstreamFailure("connect", f"upstream stream failed: {type(err).__name__}") \
+            from None
+
+    def chained():
+        if first is not None:
+            yield first
+        try:
+            yield from events
+        except (requests.RequestException, OSError) as err:
+            raise StreamBroken(f"upstream connection broke: {type(err).__name__}") from None
+    return first, chained()
+
+
+def parse_event(event):
+    """(event name, data dict) of one SSE event; StreamBroken when its data is not JSON."""
+    name, text = sse_data(event)
+    try:
+        data = json.loads(text) if text else {}
+    except ValueError:
+        raise StreamBroken("upstream sent a malformed event") from None
+    if not isinstance(data, dict):
+        raise StreamBroken("upstream sent a malformed event")
+    return name, data
+
+
+def _early_error(first):
+    """An `error` as the stream's first event is a failure before the first byte (retryable)."""
+    if first is None:
+        raise UpstreamFailure("bad_response", "upstream sent an empty stream")
+    name, text = sse_data(first)
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return
+    if isinstance(data, dict) and (name == "error" or data.get("type") == "error"):
+        error = data.get("error") or {}
+        kind = error.get("type")
+        status = {"overloaded_error": 529, "rate_limit_error": 429,
+                  "invalid_request_error": 400}.get(kind, 500)
+        raise UpstreamFailure("status", error.get("message") or "upstream stream error",
+                              status=status, error_type=kind)
+
+
+class AnthropicAdaptor(Adaptor):
+    type = "anthropic"
+
+    def _headers(self, call):
+        headers = {"x-api-key": self.target.api_key, "anthropic-version": ANTHROPIC_VERSION}
+        for name in FORWARDED_HEADERS:
+            value = header_value(call.headers, name)
+            if value:
+                headers[name] = value
+        return headers
+
+    def _post(self, call, body):
+        response = post_json(self, self.url("messages"), body, self._headers(call), call.stream)
+        if response.status_code >= 400:
+            raise upstream_error(response)
+        return response
+
+    def _stream(self, response):
+        """The upstream's events, the first already read; an early `error` is retryable."""
+        first, events = first_then_rest(sse_events(response))
+        try:
+            _early_error(first)
+        except UpstreamFailure:
+            response.close()
+            raise
+        return events
+
+    # -- OpenAI chat in, Anthropic upstream ------------------------------------------
+
+    def send_chat(self, call):
+        """OpenAI chat completion via Anthropic Messages, stream or not."""
+        body = openai_to_anthropic_request(call.body, self.target.upstream_model)
+        response = self._post(call, body)
+        if not call.stream:
+            message = read_json(response)
+            completion = anthropic_to_openai_response(message, call.model)
+            reply = Reply(body=json.dumps(completion).encode())
+            AnthropicUsageTracker(reply.usage).update(message.get("usage"))
+            reply.output_text.extend(message_texts(message))
+            return reply
+        events = self._stream(response)
+        reply = Reply(content_type="text/event-stream", close=response.close)
+        reply._chunks = anthropic_stream_to_openai((parse_event(e) for e in events), call.model,
+                                                   call.wants_usage, reply.usage,
+                                                   reply.output_text)
+        return reply
+
+    # -- Anthropic Messages in, Anthropic upstream: pass-through -----------------------
+
+    def send_messages(self, call):
+        """Anthropic Messages passed through: only the model name changes on the way out."""
+        body = call.json_with(model=self.target.upstream_model)
+        response = self._post(call, body)
+        if not call.stream:
+            raw = response.content
+            message = read_json(response)
+            reply = Reply(body=raw)
+            AnthropicUsageTracker(reply.usage).update(message.get("usage"))
+            reply.output_text.extend(message_texts(message))
+            return reply
+        events = self._stream(response)
+        reply = Reply(content_type="text/event-stream", close=response.close)
+        reply._chunks = self._pass_through(events, reply)
+        return reply
+
+    def _pass_through(self, events, reply):
+        """Forward each event unchanged, reading usage and text on the way."""
+        tracker = AnthropicUsageTracker(reply.usage)
+        for event in events:
+            name, data = parse_event(event)
+            kind = data.get("type", name)
+            if kind == "error":
+                raise StreamBroken((data.get("error") or {}).get("message")
+                                   or "Anthropic stream error")
+            if kind == "message_start":
+                tracker.update((data.get("message") or {}).get("usage"))
+            elif kind == "message_delta":
+                tracker.update(data.get("usage"))
+            elif kind == "content_block_delta":
+                reply.output_text.extend(delta_texts(data.get("delta") or {}))
+            yield event + b"\n\n"
+            if kind == "message_stop":
+                return
+        raise StreamBroken("The Anthropic stream ended before message_stop.")
+
+
+def message_texts(message):
+    """Generated text in an Anthropic message (text, thinking, tool input), for counting."""
+    for block in message.get("content") or []:
+        if block.get("type") == "text":
+            yield block.get("text") or ""
+        elif block.get("type") == "thinking":
+            yield block.get("thinking") or ""
+        elif block.get("type") == "tool_use":
+            yield json.dumps(block.get("input") or {})
+
+
+def delta_texts(delta):
+    for field in ("text", "thinking", "partial_json"):
+        if delta.get(field):
+            yield delta[field]

@@ -1,0 +1,112 @@
+"""Channel choice: priority, then weighted random; cool-down for channels that keep failing."""
+import random
+from dataclasses import dataclass
+from datetime import timedelta
+
+from flask import current_app
+from sqlalchemy import update
+
+from blueprints.api.cache import TTLCache
+from blueprints.api.providers.base import Target
+from extensions import db
+from models import Channel, ChannelModel, utcnow
+
+_channels_by_model = TTLCache()
+
+
+@dataclass(frozen=True)
+class Route:
+    """One channel that serves a model, as the router sees it."""
+    target: Target
+    priority: int
+    weight: int
+    cooldown_until: object  # datetime or None
+    fail_count: int = 0
+
+
+def _load_routes(model):
+    rows = db.session.execute(
+        db.select(Channel, ChannelModel.upstream_name)
+        .join(ChannelModel, ChannelModel.channel_id == Channel.id)
+        .where(ChannelModel.public_name == model, Channel.enabled.is_(True))
+    ).all()
+    return [Route(Target(channel_id=c.id, channel_name=c.name, type=c.type, base_url=c.base_url,
+                         api_key=c.api_key, upstream_model=upstream),
+                  c.priority, max(c.weight, 0), c.cooldown_until, c.fail_count)
+            for c, upstream in rows]
+
+
+def routes_for(model):
+    """Every enabled channel serving `model` (cached per worker for CACHE_TTL seconds)."""
+    return _channels_by_model.get(model, lambda: _load_routes(model))
+
+
+def model_exists(model):
+    return bool(routes_for(model))
+
+
+def _weighted_order(routes):
+    """Weighted random order without replacement (a weight of 0 goes last)."""
+    pool = list(routes)
+    ordered = []
+    while pool:
+        total = sum(r.weight for r in pool)
+        if total <= 0:
+            random.shuffle(pool)
+            ordered.extend(pool)
+            break
+        pick = random.uniform(0, total)
+        for index, route in enumerate(pool):
+            pick -= route.weight
+            if pick <= 0:
+                ordered.append(pool.pop(index))
+                break
+        else:
+            ordered.append(pool.pop())
+    return ordered
+
+
+def choose_channels(model):
+    """Routes to try in order: healthy channels by priority (higher first) then weight;
+    channels in cool-down only after them, as a last resort."""
+    now = utcnow()
+    routes = routes_for(model)
+    healthy = [r for r in routes if not (r.cooldown_until and r.cooldown_until > now)]
+    cooling = [r for r in routes if r.cooldown_until and r.cooldown_until > now]
+    ordered = []
+    for group in (healthy, cooling):
+        for priority in sorted({r.priority for r in group}, reverse=True):
+            ordered.extend(_weighted_order([r for r in group if r.priority == priority]))
+    return ordered
+
+
+def note_failure(target, message):
+    """Count a failure; after N in a row the channel cools down (health shows it everywhere)."""
+    config = current_app.config
+    threshold = config["CHANNEL_FAILURES_BEFORE_COOLDOWN"]
+    try:
+        db.session.execute(update(Channel).where(Channel.id == target.channel_id).values(
+            fail_count=Channel.fail_count + 1, last_error=message[:500]))
+        db.session.execute(update(Channel).where(
+            Channel.id == target.channel_id, Channel.fail_count >= threshold).values(
+            cooldown_until=utcnow() + timedelta(seconds=config["CHANNEL_COOLDOWN_SECONDS"])))
+        db.session.commit()
+    except Exception:  # noqa: BLE001 - health bookkeeping must never fail a request
+        db.session.rollback()
+        current_app.logger.exception("could not record failure of channel %s", target.channel_name)
+    _channels_by_model.clear()
+
+
+def note_success(route):
+    """A success closes the breaker; written only when there was something to clear."""
+    if not route.fail_count and not route.cooldown_until:
+        return
+    db.session.execute(update(Channel).where(Channel.id == route.target.channel_id).values(
+        fail_count=0, cooldown_until=None))
+    db.session.commit()
+    _channels_by_model.clear()
+
+
+def forget_cached_routes():
+    """Drop this worker's cached channel lists (after an admin change)."""
+    _channels_by_model.clear()

@@ -1,0 +1,342 @@
+"""A fake model provider in its own process, for tests and benchmarks.
+
+Speaks OpenAI's wire format (and Anthropic's and Gemini's through
+tests/fake_upstream_native.py when present) with deterministic answers and usage.
+
+Faults are chosen by the request, through the UPSTREAM model name, so a channel
+alias such as `gpt-4o-mini=fault-500` makes one channel fail while another works:
+  fault-500        HTTP 500                 fault-429     HTTP 429, Retry-After: 7
+  fault-400        HTTP 400 (request error) fault-401     HTTP 401 (bad upstream key)
+  fault-timeout    answers after 10 s       fault-slow    streams one event every 0.3 s
+  fault-break      streams 3 events, then drops the connection
+  fault-malformed  a body / event that is not JSON
+  fault-nousage    a normal answer without any usage
+  fault-long       streams 40 events, one every 0.1 s (for client disconnects)
+Usage is deterministic: prompt_tokens = 3 + words in the request's text,
+completion_tokens = words answered; `fake_cached: N` in the body reports N cached tokens.
+
+Control endpoints: GET /_health, GET /_events?since=N (what it saw: requests with
+their Authorization header, and `closed` when a client went away mid-stream), POST /_reset.
+"""
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+
+from flask import Flask, Response, jsonify, request
+
+ANSWER = "This is a deterministic answer from the fake upstream".split(" ")
+
+app = Flask(__name__)
+_events = []
+_lock = threading.Lock()
+
+
+def record(kind, **fields):
+    with _lock:
+        _events.append({"type": kind, "time": time.time(), **fields})
+
+
+def _words(value):
+    if isinstance(value, str):
+        return len(value.split())
+    if isinstance(value, list):
+        return sum(_words(v) for v in value)
+    if isinstance(value, dict):
+        return sum(_words(v) for k, v in value.items() if k in ("content", "text", "input"))
+    return 0
+
+
+def prompt_tokens(body):
+    text = body.get("messages") or body.get("prompt") or body.get("input") or ""
+    return 3 + _words(text)
+
+
+def answer_words(body):
+    cap = body.get("max_tokens") or body.get("max_completion_tokens") or \
+        body.get("max_output_tokens")
+    return ANSWER[:cap] if isinstance(cap, int) and cap > 0 else ANSWER
+
+
+def usage_for(body, completion):
+    prompt = prompt_tokens(body)
+    usage = {"prompt_tokens": prompt, "completion_tokens": completion,
+             "total_tokens": prompt + completion}
+    if body.get("fake_cached"):
+        usage["prompt_tokens_details"] = {"cached_tokens": int(body["fake_cached"])}
+    return usage
+
+
+def error(status, message, kind, headers=None):
+    response = jsonify(error={"message": message, "type": kind, "param": None, "code": None})
+    response.status_code = status
+    for name, value in (headers or {}).items():
+        response.headers[name] = value
+    return response
+
+
+def fault_response(model):
+    """The HTTP answer for a fault that happens before any body, or None."""
+    if model == "fault-500":
+        return error(500, "The fake upstream had an internal error.", "server_error")
+    if model == "fault-429":
+        return error(429, "Rate limit reached on the fake upstream.", "rate_limit_error",
+                     {"Retry-After": "7"})
+    if model == "fault-400":
+        return error(400, "The fake upstream rejected this request: bad parameter.",
+                     "invalid_request_error")
+    if model == "fault-401":
+        return error(401, "Incorrect API key provided: sk-ups***cret.", "invalid_request_error")
+    if model == "fault-timeout":
+        time.sleep(10)
+    return None
+
+
+def sse(data):
+    return ("data: " + (data if isinstance(data, str) else json.dumps(data)) + "\n\n").encode()
+
+
+def stream_events(path, events, model):
+    """Yield SSE events with the fault's pacing; record a client that went away."""
+    delay = {"fault-slow": 0.3, "fault-long": 0.1}.get(model, 0)
+    try:
+        for index, event in enumerate(events):
+            if model == "fault-break" and index == 3:
+                raise ConnectionAbortedError("fake upstream drops the stream")
+            if delay and index:
+                time.sleep(delay)
+            yield event
+        record("stream_done", path=path)
+    except GeneratorExit:
+        record("closed", path=path)
+        raise
+
+
+def _stream(path, events, model):
+    return Response(stream_events(path, events, model), content_type="text/event-stream")
+
+
+@app.before_request
+def log_request():
+    if request.path.startswith("/_"):
+        return None
+    body = request.get_json(silent=True) if request.is_json else None
+    record("request", path=request.path, auth=request.headers.get("Authorization"),
+           api_key=request.headers.get("x-api-key") or request.headers.get("x-goog-api-key"),
+           body=body, form=request.form.to_dict() if request.form else None)
+    return None
+
+
+@app.get("/_health")
+def health():
+    return {"ok": True}
+
+
+@app.get("/_events")
+def events():
+    since = int(request.args.get("since", 0))
+    with _lock:
+        return jsonify(_events[since:])
+
+
+@app.post("/_reset")
+def reset():
+    with _lock:
+        _events.clear()
+    return {"ok": True}
+
+
+@app.post("/v1/chat/completions")
+def chat():
+    body = request.get_json()
+    model = body.get("model", "")
+    early = fault_response(model)
+    if early is not None:
+        return early
+    words = answer_words(body)
+    created = int(time.time())
+    base = {"id": "chatcmpl-fake", "created": created, "model": model}
+    tools = body.get("tools")
+    last_role = (body.get("messages") or [{}])[-1].get("role")
+    call_tool = bool(tools) and body.get("tool_choice") != "none" and last_role != "tool"
+    tool_call = {"id": "call_fake_1", "type": "function",
+                 "function": {"name": (tools[0].get("function") or {}).get("name", "tool")
+                              if tools else "", "arguments": '{"location": "Paris"}'}}
+    usage = usage_for(body, 5 if call_tool else len(words))
+    with_usage = model != "fault-nousage"
+    if not body.get("stream"):
+        if model == "fault-malformed":
+            return Response("this is not json {", content_type="application/json")
+        message = {"role": "assistant", "content": None if call_tool else " ".join(words)}
+        if call_tool:
+            message["tool_calls"] = [tool_call]
+        result = dict(base, object="chat.completion", choices=[{
+            "index": 0, "message": message,
+            "finish_reason": "tool_calls" if call_tool else
+            ("length" if len(words) < len(ANSWER) else "stop")}])
+        if with_usage:
+            result["usage"] = usage
+        return jsonify(result)
+
+    def chunk(delta, finish=None):
+        return dict(base, object="chat.completion.chunk",
+                    choices=[{"index": 0, "delta": delta, "finish_reason": finish}])
+    events = [sse(chunk({"role": "assistant", "content": ""}))]
+    if model == "fault-malformed":
+        events.append(b"data: {not json\n\n")
+    if call_tool:
+        first = {"index": 0, "id": tool_call["id"], "type": "function",
+                 "function": {"name": tool_call["function"]["name"], "arguments": ""}}
+        events.append(sse(chunk({"tool_calls": [first]})))
+        for part in ('{"location"', ': "Paris"}'):
+            events.append(sse(chunk({"tool_calls": [{"index": 0,
+                                                     "function": {"arguments": part}}]})))
+        events.append(sse(chunk({}, "tool_calls")))
+    else:
+        count = 40 if model == "fault-long" else len(words)
+        for index in range(count):
+            word = ANSWER[index % len(ANSWER)]
+            events.append(sse(chunk({"content": word if index == 0 else " " + word})))
+        if model == "fault-long":
+            usage = usage_for(body, count)
+        events.append(sse(chunk({}, "stop")))
+    if with_usage and (body.get("stream_options") or {}).get("include_usage"):
+        final = dict(base, object="chat.completion.chunk", choices=[], usage=usage)
+        events.append(sse(final))
+    events.append(sse("[DONE]"))
+    return _stream(request.path, events, model)
+
+
+@app.post("/v1/completions")
+def completions():
+    body = request.get_json()
+    model = body.get("model", "")
+    early = fault_response(model)
+    if early is not None:
+        return early
+    words = answer_words(body)
+    usage = usage_for(body, len(words))
+    base = {"id": "cmpl-fake", "object": "text_completion", "created": int(time.time()),
+            "model": model}
+    if not body.get("stream"):
+        return jsonify(dict(base, choices=[{"index": 0, "text": " ".join(words),
+                                            "finish_reason": "stop", "logprobs": None}],
+                            usage=usage))
+    events = [sse(dict(base, choices=[{"index": 0, "text": (" " if i else "") + w,
+                                       "finish_reason": None, "logprobs": None}]))
+              for i, w in enumerate(words)]
+    if (body.get("stream_options") or {}).get("include_usage"):
+        events.append(sse(dict(base, choices=[], usage=usage)))
+    events.append(sse("[DONE]"))
+    return _stream(request.path, events, model)
+
+
+@app.post("/v1/embeddings")
+def embeddings():
+    body = request.get_json()
+    early = fault_response(body.get("model", ""))
+    if early is not None:
+        return early
+    inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
+    data = [{"object": "embedding", "index": i,
+             "embedding": [round(0.1 * (i + 1) * (j + 1), 4) for j in range(8)]}
+            for i, _ in enumerate(inputs)]
+    tokens = 3 + _words(inputs)
+    return jsonify(object="list", data=data, model=body["model"],
+                   usage={"prompt_tokens": tokens, "total_tokens": tokens})
+
+
+@app.post("/v1/responses")
+def responses():
+    body = request.get_json()
+    model = body.get("model", "")
+    early = fault_response(model)
+    if early is not None:
+        return early
+    words = answer_words(body)
+    text = " ".join(words)
+    usage = {"input_tokens": prompt_tokens(body), "output_tokens": len(words),
+             "total_tokens": prompt_tokens(body) + len(words),
+             "input_tokens_details": {"cached_tokens": 0},
+             "output_tokens_details": {"reasoning_tokens": 0}}
+    message = {"id": "msg_fake", "type": "message", "status": "completed", "role": "assistant",
+               "content": [{"type": "output_text", "text": text, "annotations": []}]}
+    response = {"id": "resp_fake", "object": "response", "created_at": int(time.time()),
+                "status": "completed", "model": model, "output": [message], "usage": usage,
+                "parallel_tool_calls": True, "tool_choice": "auto", "tools": []}
+    if not body.get("stream"):
+        return jsonify(response)
+    pending = dict(response, status="in_progress", output=[], usage=None)
+    events = [f"event: response.created\ndata: {json.dumps({'type': 'response.created', 'sequence_number': 0, 'response': pending})}\n\n".encode()]
+    for index, word in enumerate(words):
+        delta = {"type": "response.output_text.delta", "item_id": "msg_fake", "output_index": 0,
+                 "content_index": 0, "delta": (" " if index else "") + word,
+                 "sequence_number": index + 1}
+        events.append(f"event: response.output_text.delta\ndata: {json.dumps(delta)}\n\n".encode())
+    done = {"type": "response.completed", "sequence_number": len(words) + 1, "response": response}
+    events.append(f"event: response.completed\ndata: {json.dumps(done)}\n\n".encode())
+    return _stream(request.path, events, model)
+
+
+@app.post("/v1/images/generations")
+def images():
+    body = request.get_json()
+    early = fault_response(body.get("model", ""))
+    if early is not None:
+        return early
+    count = int(body.get("n") or 1)
+    return jsonify(created=int(time.time()),
+                   data=[{"b64_json": "iVBORw0KGgo=", "revised_prompt": body["prompt"]}
+                         for _ in range(count)])
+
+
+@app.post("/v1/audio/speech")
+def speech():
+    body = request.get_json()
+    early = fault_response(body.get("model", ""))
+    if early is not None:
+        return early
+    chunks = [b"ID3fake-audio-" + str(i).encode() * 100 for i in range(5)]
+    return Response(stream_events(request.path, chunks, body.get("model", "")),
+                    content_type="audio/mpeg")
+
+
+@app.post("/v1/audio/transcriptions")
+@app.post("/v1/audio/translations")
+def transcription():
+    model = request.form.get("model", "")
+    early = fault_response(model)
+    if early is not None:
+        return early
+    upload = request.files["file"]
+    size = len(upload.read())
+    text = f"fake transcript of {upload.filename} ({size} bytes)"
+    if request.form.get("response_format") == "text":
+        return Response(text, content_type="text/plain")
+    return jsonify(text=text)
+
+
+def _mount_native():
+    """Anthropic and Gemini endpoints, kept in their own module."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    try:
+        import fake_upstream_native
+    except ImportError:
+        return
+    register = getattr(fake_upstream_native, "register", None)
+    if register is not None:
+        register(app, record=record, stream=stream_events)
+
+
+_mount_native()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, required=True)
+    args = parser.parse_args()
+    import logging
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    app.run(host="127.0.0.1", port=args.port, threaded=True)
