@@ -14,3 +14,9 @@ graceful_timeout = 30
 keepalive = 75
 accesslog = os.environ.get("TOKENOPEN_ACCESS_LOG") or None
 errorlog = "-"
+
+
+def post_worker_init(worker):
+    """Each worker releases reservations orphaned by a crashed predecessor, then keeps sweeping."""
+    from blueprints.api.sweeper import start_sweeper
+    start_sweeper(worker.wsgi)

@@ -269,14 +269,28 @@ def responses():
     if not body.get("stream"):
         return jsonify(response)
     pending = dict(response, status="in_progress", output=[], usage=None)
-    events = [f"event: response.created\ndata: {json.dumps({'type': 'response.created', 'sequence_number': 0, 'response': pending})}\n\n".encode()]
+    empty_item = dict(message, status="in_progress", content=[])
+    part = {"type": "output_text", "text": "", "annotations": []}
+    sequence = [("response.created", {"response": pending}),
+                ("response.in_progress", {"response": pending}),
+                ("response.output_item.added", {"output_index": 0, "item": empty_item}),
+                ("response.content_part.added", {"item_id": "msg_fake", "output_index": 0,
+                                                 "content_index": 0, "part": part})]
     for index, word in enumerate(words):
-        delta = {"type": "response.output_text.delta", "item_id": "msg_fake", "output_index": 0,
-                 "content_index": 0, "delta": (" " if index else "") + word,
-                 "sequence_number": index + 1}
-        events.append(f"event: response.output_text.delta\ndata: {json.dumps(delta)}\n\n".encode())
-    done = {"type": "response.completed", "sequence_number": len(words) + 1, "response": response}
-    events.append(f"event: response.completed\ndata: {json.dumps(done)}\n\n".encode())
+        sequence.append(("response.output_text.delta", {
+            "item_id": "msg_fake", "output_index": 0, "content_index": 0,
+            "delta": (" " if index else "") + word}))
+    sequence += [("response.output_text.done", {"item_id": "msg_fake", "output_index": 0,
+                                                "content_index": 0, "text": text}),
+                 ("response.content_part.done", {"item_id": "msg_fake", "output_index": 0,
+                                                 "content_index": 0,
+                                                 "part": dict(part, text=text)}),
+                 ("response.output_item.done", {"output_index": 0, "item": message}),
+                 ("response.completed", {"response": response})]
+    events = []
+    for number, (kind, fields) in enumerate(sequence):
+        payload = dict(fields, type=kind, sequence_number=number)
+        events.append(f"event: {kind}\ndata: {json.dumps(payload)}\n\n".encode())
     return _stream(request.path, events, model)
 
 

@@ -150,7 +150,7 @@ class LiveGateway:
             "TOKENOPEN_DATABASE_URL": db_url,
             "TOKENOPEN_SECRET_KEY": "live-test-secret",
             "TOKENOPEN_CACHE_TTL": "0",
-            "TOKENOPEN_UPSTREAM_TIMEOUT": "5",
+            "TOKENOPEN_UPSTREAM_TIMEOUT": "2",
             "TOKENOPEN_CHANNEL_COOLDOWN": "30",
             "HOST": "127.0.0.1",
             "PORT": str(self.port),
@@ -180,9 +180,9 @@ class LiveGateway:
 
     def stop(self):
         if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            self.proc.send_signal(signal.SIGINT)  # quick shutdown: tests hold keep-alive sockets
             try:
-                self.proc.wait(15)
+                self.proc.wait(10)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
         if self._app is not None:
@@ -260,3 +260,33 @@ class LiveGateway:
         self.log.flush()
         with open(os.path.join(self.workdir, "gunicorn.log")) as fh:
             return fh.read()
+
+
+# --- console helpers (logs, dashboard) ----------------------------------------------------
+
+def login_session(client, user_id):
+    """Log `client` in as `user_id` by writing Flask-Login's session keys (unit tests only)."""
+    with client.session_transaction() as session:
+        session["_user_id"] = str(user_id)
+        session["_fresh"] = True
+    return client
+
+
+def insert_logs(rows):
+    """Insert RequestLog rows (dicts; sensible defaults) and rebuild their users' UsageDaily
+    rollup in SQL, as the relay would have kept it. Returns the rows with their defaults."""
+    import uuid
+
+    from cli.seed import rebuild_usage_daily
+    from extensions import db
+    from models import RequestLog
+    defaults = {"endpoint": "/v1/chat/completions", "status": "Success", "http_status": 200,
+                "model": "gpt-4o-mini", "key_name": "test key", "channel_name": "fake",
+                "prompt_tokens": 10, "completion_tokens": 5, "cached_tokens": 0,
+                "credits_micro": 25, "latency_ms": 100, "is_stream": False, "estimated": False,
+                "billing": "billed"}
+    full = [{**defaults, "request_id": "req-" + uuid.uuid4().hex, **row} for row in rows]
+    db.session.execute(db.insert(RequestLog), full)
+    db.session.commit()
+    rebuild_usage_daily(sorted({row["user_id"] for row in full}))
+    return full
