@@ -1,4 +1,79 @@
-"""Console pages: keys (placeholder until its issue lands)."""
-from flask import Blueprint
+"""Console pages: the member's API keys (list, create, disable, enable, delete)."""
+from flask import Blueprint, flash, redirect, render_template, session, url_for
+from flask_login import current_user, login_required
+
+from blueprints.keys.forms import CreateKeyForm
+from blueprints.queries import get_owned_or_404
+from extensions import db
+from models import ApiKey, utcnow
 
 bp = Blueprint("keys", __name__)
+
+NEW_KEY = "new_key"  # session slot holding a just-created key until the next page view
+
+
+def _own_keys():
+    return db.session.scalars(db.select(ApiKey).filter_by(user_id=current_user.id)
+                              .order_by(ApiKey.created_at.desc(), ApiKey.id.desc())).all()
+
+
+def _render(form, status=200):
+    # The full key lives in the session for exactly one page view, then it is gone.
+    new_key = session.pop(NEW_KEY, None)
+    return render_template("keys/index.html", keys=_own_keys(), form=form, new_key=new_key,
+                           now=utcnow()), status
+
+
+@bp.get("/keys")
+@login_required
+def index():
+    """The current user's keys and the create form."""
+    return _render(CreateKeyForm())
+
+
+@bp.post("/keys")
+@login_required
+def create():
+    """Create a key; the next page shows the full key once (post/redirect/get)."""
+    form = CreateKeyForm()
+    if not form.validate_on_submit():
+        return _render(form, 400)
+    key, full_key = ApiKey.generate(current_user, form.name.data.strip(), **form.key_fields())
+    db.session.add(key)
+    db.session.commit()
+    session[NEW_KEY] = {"id": key.id, "name": key.name, "key": full_key}
+    return redirect(url_for("keys.index", _anchor="new-key"))
+
+
+def _set_disabled(key_id, disabled):
+    key = get_owned_or_404(ApiKey, key_id, current_user)
+    key.disabled = disabled
+    db.session.commit()
+    flash(f"Key “{key.name}” is {'disabled' if disabled else 'enabled'}.", "ok")
+    return redirect(url_for("keys.index"))
+
+
+@bp.post("/keys/<int:key_id>/disable")
+@login_required
+def disable(key_id):
+    """Stop a key from working until it is enabled again."""
+    return _set_disabled(key_id, True)
+
+
+@bp.post("/keys/<int:key_id>/enable")
+@login_required
+def enable(key_id):
+    """Let a disabled key work again."""
+    return _set_disabled(key_id, False)
+
+
+@bp.post("/keys/<int:key_id>/delete")
+@login_required
+def delete(key_id):
+    """Delete a key for good; its request logs keep the key's name."""
+    key = get_owned_or_404(ApiKey, key_id, current_user)
+    name = key.name
+    db.session.delete(key)
+    db.session.commit()
+    flash(f"Key “{name}” is deleted.", "ok")
+    return redirect(url_for("keys.index"))

@@ -1,0 +1,65 @@
+"""The create-key form; its fields turn into ApiKey columns through `key_fields`."""
+import ipaddress
+from datetime import timedelta
+
+from flask_wtf import FlaskForm
+from wtforms import IntegerField, StringField, SubmitField
+from wtforms.validators import InputRequired, Length, NumberRange, Optional, ValidationError
+
+from models import split_list, utcnow
+from money import parse_credits
+
+
+def parse_networks(text):
+    """'10.0.0.0/8, 1.2.3.4' -> ['10.0.0.0/8', '1.2.3.4/32']; ValueError names the bad entry."""
+    networks = []
+    for item in split_list(text):
+        try:
+            networks.append(str(ipaddress.ip_network(item, strict=False)))
+        except ValueError:
+            raise ValueError(f"{item!r} is not an IP address or CIDR range") from None
+    return networks
+
+
+class CreateKeyForm(FlaskForm):
+    name = StringField("Name", validators=[InputRequired(), Length(max=100)],
+                       render_kw={"placeholder": "e.g. laptop, ci, chat-app"})
+    expires_days = IntegerField("Expires after (days)", validators=[
+        Optional(), NumberRange(min=1, max=3650)], description="Empty: never expires.")
+    credit_limit = StringField("Credit limit", validators=[Optional(), Length(max=32)],
+                               description="Credits this key may spend in total. Empty: no limit.")
+    models = StringField("Allowed models", validators=[Optional(), Length(max=2000)],
+                         description="Comma-separated. Empty: every model your group may use.")
+    allowed_ips = StringField("Allowed IP ranges", validators=[Optional(), Length(max=2000)],
+                              description="Comma-separated CIDRs, e.g. 10.0.0.0/8. Empty: any IP.")
+    rpm = IntegerField("Requests per minute", default=0, validators=[
+        Optional(), NumberRange(min=0, max=1_000_000)], description="0: no limit of its own.")
+    submit = SubmitField("Create key")
+
+    def validate_credit_limit(self, field):
+        if field.data and field.data.strip():
+            try:
+                parse_credits(field.data)
+            except ValueError as err:
+                raise ValidationError(f"Enter an amount of credits, like 5 or 2.5 ({err}).") \
+                    from None
+
+    def validate_allowed_ips(self, field):
+        try:
+            parse_networks(field.data)
+        except ValueError as err:
+            raise ValidationError(f"{err}.") from None
+
+    def key_fields(self):
+        """The ApiKey column values this form describes (call after validation)."""
+        limit = (self.credit_limit.data or "").strip()
+        models = split_list(self.models.data)
+        networks = parse_networks(self.allowed_ips.data)
+        return {
+            "expires_at": (utcnow() + timedelta(days=self.expires_days.data)
+                           if self.expires_days.data else None),
+            "credit_limit_micro": parse_credits(limit) if limit else None,
+            "models": ",".join(models) or None,
+            "allowed_ips": ",".join(networks) or None,
+            "rpm": self.rpm.data or 0,
+        }
