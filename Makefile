@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 FLASK   := $(BIN)/flask --app app
 HOST    ?= 127.0.0.1
 PORT    ?= 8000
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= -n 2
 
 .PHONY: run test setup deps test-deps browser services migration clean
 
@@ -30,7 +30,7 @@ browser:
 	@test -x /usr/bin/chromium || { (apt-get update -qq || true) && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
 setup: deps
-	$(FLASK) bootstrap
+	HOST=$(HOST) PORT=$(PORT) $(FLASK) bootstrap
 
 run: setup
 	HOST=$(HOST) PORT=$(PORT) exec $(BIN)/gunicorn -c gunicorn.conf.py wsgi:app

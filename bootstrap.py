@@ -2,9 +2,10 @@
 import secrets
 
 from extensions import db
-from models import Group, User
+from models import ApiKey, Channel, Group, ModelPrice, User
 
 DEFAULT_GROUP = "default"
+STARTER_MODEL = "tokenopen-mock"
 
 
 def ensure_default_group():
@@ -40,14 +41,34 @@ def create_user(email, password, is_admin=False, group_name=None):
     return user
 
 
+def ensure_starter_channel(admin):
+    """On a brand-new install: a free built-in mock model and a key, so a first call works
+    before any upstream is configured. Returns the starter key, or None if channels exist."""
+    if db.session.scalar(db.select(Channel).limit(1)) is not None:
+        return None
+    channel = Channel(name="built-in mock", type="mock", base_url="", api_key="")
+    channel.set_models(STARTER_MODEL)
+    db.session.add(channel)
+    if db.session.scalar(db.select(ModelPrice).filter_by(model=STARTER_MODEL)) is None:
+        db.session.add(ModelPrice(model=STARTER_MODEL, input_micro=0, output_micro=0,
+                                  per_request_micro=0))
+    key, full_key = ApiKey.generate(admin, "starter key")
+    db.session.add(key)
+    return full_key
+
+
 def bootstrap_admin(app):
-    """Create the first admin if there is none. Returns (email, password or None) when created."""
+    """Create the first admin if there is none.
+
+    Returns None when an admin existed, else (email, password or None, starter key or None).
+    """
     ensure_default_group()
     if db.session.scalar(db.select(User).filter_by(is_admin=True).limit(1)):
         db.session.commit()
         return None
     email = app.config["ADMIN_EMAIL"] or "admin@localhost"
     password = app.config["ADMIN_PASSWORD"] or secrets.token_urlsafe(12)
-    create_user(email, password, is_admin=True)
+    admin = create_user(email, password, is_admin=True)
+    starter_key = ensure_starter_channel(admin)
     db.session.commit()
-    return email, (None if app.config["ADMIN_PASSWORD"] else password)
+    return email, (None if app.config["ADMIN_PASSWORD"] else password), starter_key

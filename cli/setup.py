@@ -1,9 +1,11 @@
 """init-db and bootstrap: what `make run` does before serving."""
+import os
+
 import click
 from flask import current_app
 from flask_migrate import upgrade
 
-from bootstrap import bootstrap_admin, ensure_default_group
+from bootstrap import STARTER_MODEL, bootstrap_admin, ensure_default_group
 from extensions import db
 
 
@@ -22,9 +24,22 @@ def register(app):
         upgrade()
         created = bootstrap_admin(current_app)
         if created:
-            email, password = created
+            email, password, starter_key = created
             if password:
                 click.echo(f"Created admin {email} with password: {password}")
                 click.echo("This password is shown only once; change it after logging in.")
             else:
                 click.echo(f"Created admin {email} (password from TOKENOPEN_ADMIN_PASSWORD)")
+            if starter_key:
+                click.echo(_first_call(starter_key))
+
+
+def _first_call(key):
+    """A curl line that works right away against the built-in mock model."""
+    base = current_app.config["PUBLIC_URL"] or \
+        f"http://{os.environ.get('HOST', '127.0.0.1')}:{os.environ.get('PORT', '8000')}"
+    return (f"\nTry it (built-in mock model, free; this key is shown only once):\n"
+            f"  curl {base}/v1/chat/completions \\\n"
+            f"    -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' \\\n"
+            f"    -d '{{\"model\": \"{STARTER_MODEL}\", "
+            f"\"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}]}}'\n")
