@@ -8,16 +8,15 @@ write transactions start with a write (never a SELECT) so SQLite's WAL snapshots
 need an upgrade that could fail.
 """
 import secrets
-import threading
-import time
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from fractions import Fraction
 
 from flask import current_app
-from sqlalchemy import delete, func, insert, or_, select, update
+from sqlalchemy import bindparam, delete, func, insert, or_, select, update
 
 from blueprints.api.errors import ApiError
+from blueprints.api.cache import TTLCache
 from extensions import db
 from models import MICRO, ApiKey, LedgerEntry, ModelPrice, RedemptionCode, RequestLog, \
     Reservation, User, utcnow
@@ -54,30 +53,22 @@ class Price:
                     or self.per_request_micro)
 
 
-_price_cache = {}  # model -> (expires at monotonic seconds, Price | None)
-_price_cache_lock = threading.Lock()
+_prices = TTLCache(depends_on=(ModelPrice,))
 
 
 def invalidate_prices():
-    """Forget cached prices in this process (call after a price changes)."""
-    with _price_cache_lock:
-        _price_cache.clear()
+    """Forget cached prices in this process (price edits through the ORM do this by themselves)."""
+    _prices.clear()
+
+
+def _load_price(model):
+    row = db.session.scalar(select(ModelPrice).filter_by(model=model))
+    return Price.from_row(row) if row is not None else None
 
 
 def price_for(model):
-    """The model's price (cached per worker for current_app.config['CACHE_TTL'] s), None if unpriced."""
-    ttl = current_app.config.get("CACHE_TTL") or 0
-    now = time.monotonic()
-    if ttl > 0:
-        hit = _price_cache.get(model)
-        if hit is not None and hit[0] > now:
-            return hit[1]
-    row = db.session.scalar(select(ModelPrice).filter_by(model=model))
-    price = Price.from_row(row) if row is not None else None
-    if ttl > 0:
-        with _price_cache_lock:
-            _price_cache[model] = (now + ttl, price)
-    return price
+    """The model's price (cached per worker for CACHE_TTL seconds), None if unpriced."""
+    return _prices.get(model, lambda: _load_price(model))
 
 
 def set_price(model, input_micro, output_micro, cached_input_micro=None, per_request_micro=0):
@@ -224,17 +215,36 @@ def _key_limit(key_id, amount):
 
 def _release_reservation(reservation_id, user_id, key_id, amount):
     """Delete the reservation and give its amount back; 0 if someone else already did."""
+    released = _delete_reservation(reservation_id, amount)
+    if released:
+        db.session.execute(update(USERS).where(USERS.c.id == user_id)
+                           .values(reserved_micro=USERS.c.reserved_micro - released))
+        if key_id is not None:
+            db.session.execute(update(KEYS).where(KEYS.c.id == key_id)
+                               .values(reserved_micro=KEYS.c.reserved_micro - released))
+    return released
+
+
+def _delete_reservation(reservation_id, amount):
+    """The amount to give back: `amount` if this call deleted the row, else 0."""
     if reservation_id is None:
         return 0
-    gone = db.session.execute(delete(RESERVATIONS).where(RESERVATIONS.c.id == reservation_id))
-    if gone.rowcount != 1:
-        return 0  # the sweeper (or an earlier settle) released it already
-    db.session.execute(update(USERS).where(USERS.c.id == user_id)
-                       .values(reserved_micro=USERS.c.reserved_micro - amount))
-    if key_id is not None:
-        db.session.execute(update(KEYS).where(KEYS.c.id == key_id)
-                           .values(reserved_micro=KEYS.c.reserved_micro - amount))
-    return amount
+    gone = db.session.execute(_DELETE_RESERVATION, {"rid": reservation_id})
+    return amount if gone.rowcount == 1 else 0  # 0: the sweeper released it already
+
+
+# settle_credits runs once per request: its statements are built once, not per call.
+_DELETE_RESERVATION = delete(RESERVATIONS).where(RESERVATIONS.c.id == bindparam("rid"))
+_RELEASE_AND_READ = (
+    update(USERS).where(USERS.c.id == bindparam("uid"))
+    .values(reserved_micro=USERS.c.reserved_micro - bindparam("released"))
+    .returning(USERS.c.balance_micro, USERS.c.reserved_micro))
+_CHARGE_USER = (update(USERS).where(USERS.c.id == bindparam("uid"))
+                .values(balance_micro=USERS.c.balance_micro - bindparam("charged")))
+_SETTLE_KEY = (update(KEYS).where(KEYS.c.id == bindparam("kid"))
+               .values(reserved_micro=KEYS.c.reserved_micro - bindparam("released"),
+                       spent_micro=KEYS.c.spent_micro + bindparam("charged")))
+_INSERT_LEDGER = insert(LedgerEntry.__table__)
 
 
 def settle_credits(hold, cost_micro, note=None):
@@ -244,27 +254,25 @@ def settle_credits(hold, cost_micro, note=None):
     twice), write a LedgerEntry(kind='charge', amount=-charged, request_id=hold.request_id).
     Returns the micro-credits actually charged (0 writes no ledger row)."""
     cost = max(int(cost_micro), 0)
-    _release_reservation(hold.reservation_id, hold.user_id, hold.key_id, hold.amount_micro)
+    released = _delete_reservation(hold.reservation_id, hold.amount_micro)
     charged = 0
-    if cost:
-        # This no-op write takes the user's row lock (PostgreSQL) / the write lock (SQLite)
-        # before the balance is read, so nothing changes it between the read and the charge.
-        db.session.execute(update(USERS).where(USERS.c.id == hold.user_id)
-                           .values(balance_micro=USERS.c.balance_micro))
-        row = db.session.execute(select(USERS.c.balance_micro, USERS.c.reserved_micro)
-                                 .where(USERS.c.id == hold.user_id)).first()
+    if released or cost:
+        # Releasing first takes the user's row lock (PostgreSQL) / the write lock (SQLite),
+        # so the balance it returns cannot change before the charge below.
+        row = db.session.execute(_RELEASE_AND_READ,
+                                 {"uid": hold.user_id, "released": released}).first()
         if row is not None:
             # What is not held for other in-flight requests covers this one.
             charged = min(cost, max(row.balance_micro - row.reserved_micro, 0))
     if charged:
-        db.session.execute(update(USERS).where(USERS.c.id == hold.user_id)
-                           .values(balance_micro=USERS.c.balance_micro - charged))
-        db.session.add(LedgerEntry(user_id=hold.user_id, kind="charge", amount_micro=-charged,
-                                   balance_after_micro=row.balance_micro - charged, note=note,
-                                   request_id=hold.request_id))
-        if hold.key_id is not None:
-            db.session.execute(update(KEYS).where(KEYS.c.id == hold.key_id)
-                               .values(spent_micro=KEYS.c.spent_micro + charged))
+        db.session.execute(_CHARGE_USER, {"uid": hold.user_id, "charged": charged})
+        db.session.execute(_INSERT_LEDGER, {
+            "user_id": hold.user_id, "kind": "charge", "amount_micro": -charged,
+            "balance_after_micro": row.balance_micro - charged, "note": note,
+            "request_id": hold.request_id, "created_at": utcnow()})
+    if hold.key_id is not None and (released or charged):
+        db.session.execute(_SETTLE_KEY, {"kid": hold.key_id, "released": released,
+                                         "charged": charged})
     _expire(User, hold.user_id)
     if hold.key_id is not None:
         _expire(ApiKey, hold.key_id)

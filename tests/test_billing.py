@@ -1,0 +1,548 @@
+"""blueprints/api/billing.py and cli/billing.py on SQLite and PostgreSQL: prices, cost math,
+reservations, settlement, the sweeper, grants, codes, the ledger audit and the CLI."""
+import json
+import random
+from datetime import timedelta
+from fractions import Fraction
+
+import pytest
+
+from blueprints.api import billing
+from blueprints.api.billing import Hold, Price
+from blueprints.api.errors import ApiError
+from extensions import db
+from models import MICRO, ApiKey, LedgerEntry, RedemptionCode, RequestLog, Reservation, User, \
+    utcnow
+from tests.support import make_key, make_price, make_user
+
+
+@pytest.fixture
+def ctx(app):
+    """An app context whose ledger must be clean when the test ends."""
+    with app.app_context():
+        yield app
+        db.session.rollback()
+        assert billing.check_ledger() == []
+
+
+def balances(user_id):
+    """(balance, reserved) straight from the database."""
+    row = db.session.execute(db.select(User.balance_micro, User.reserved_micro)
+                             .filter_by(id=user_id)).one()
+    db.session.commit()
+    return tuple(row)
+
+
+def key_row(full_key):
+    return db.session.scalar(db.select(ApiKey).filter_by(key_hash=ApiKey.hash_key(full_key)))
+
+
+def exact_cost(price, prompt, completion, cached, multiplier_ppm):
+    """SPEC §9 with exact fractions, independent of billing.cost_micro."""
+    per_token = Fraction(1, 1_000_000)
+    credits_micro = ((prompt - cached) * price.input_micro * per_token
+                     + cached * price.cached_input_micro * per_token
+                     + completion * price.output_micro * per_token
+                     + price.per_request_micro)
+    return credits_micro * Fraction(multiplier_ppm, MICRO)
+
+
+def ceil(fraction):
+    return -(-fraction.numerator // fraction.denominator)
+
+
+# --- cost math (pure) -----------------------------------------------------------------------
+
+def test_cost_with_cached_tokens_per_request_and_multiplier():
+    # 2.5 / 10 / 1.25 credits per 1M tokens, 0.001 credit per request, multiplier 1.5.
+    price = Price("m", 2_500_000, 10_000_000, 1_250_000, 1_000)
+    # (600*2.5 + 400*1.25 + 500*10) / 1M credits = 7000 micro, + 1000 per request, x 1.5
+    assert billing.cost_micro(price, 1000, 500, 400, 1_500_000) == 12_000
+
+
+def test_cost_rounds_up_once_per_request_not_per_component():
+    half = Price("m", 500_000, 500_000, 500_000, 0)  # half a micro-credit per token
+    assert billing.cost_micro(half, 1, 1, 0, MICRO) == 1  # 0.5 + 0.5, not 1 + 1
+    assert billing.cost_micro(half, 1, 0, 0, MICRO) == 1  # 0.5 rounds up
+    tiny = Price("m", 1, 0, 0, 0)  # 1 micro-credit per 1M tokens
+    assert billing.cost_micro(tiny, 1, 0, 0, MICRO) == 1
+    assert billing.cost_micro(tiny, 1_000_000, 0, 0, MICRO) == 1
+    assert billing.cost_micro(tiny, 1_000_001, 0, 0, MICRO) == 2
+    one = Price("m", MICRO, 0, 0, 0)  # 1 micro-credit per token
+    assert billing.cost_micro(one, 1, 0, 0, 1_000_001) == 2  # 1.000001 rounds up
+
+
+def test_cost_edges():
+    price = Price("m", 3_000_000, 15_000_000, 300_000, 0)
+    assert billing.cost_micro(price, 0, 0, 0, MICRO) == 0
+    assert billing.cost_micro(Price("free", 0, 0, 0, 0), 10**6, 10**6, 0, MICRO) == 0
+    # cached tokens can never exceed the prompt they are part of
+    assert billing.cost_micro(price, 10, 0, 50, MICRO) == billing.cost_micro(price, 10, 0, 10, MICRO)
+    assert billing.cost_micro(price, 1000, 0, 0, 0) == 0  # multiplier 0 = free group
+    huge = billing.cost_micro(price, 10**9, 10**9, 0, 3 * MICRO)
+    assert huge == 3 * (10**9 * 3 + 10**9 * 15) and isinstance(huge, int)
+
+
+def test_hold_estimate_is_an_upper_bound_of_any_final_cost():
+    price = Price("m", 2_000_000, 8_000_000, 500_000, 2_000)
+    hold = billing.hold_estimate_micro(price, 1200, 4096, 1_250_000)
+    assert hold == ceil(exact_cost(price, 1200, 4096, 0, 1_250_000))
+    for cached in (0, 600, 1200):
+        for out in (0, 100, 4096):
+            assert billing.cost_micro(price, 1200, out, cached, 1_250_000) <= hold
+    pricey_cache = Price("m", 1_000_000, 0, 3_000_000, 0)  # cache reads dearer than input
+    hold = billing.hold_estimate_micro(pricey_cache, 100, 0, MICRO)
+    assert billing.cost_micro(pricey_cache, 100, 0, 100, MICRO) <= hold
+
+
+def test_ten_thousand_random_costs_match_exact_fractions():
+    rng = random.Random(4)
+    for _ in range(10_000):
+        price = Price("m", rng.randrange(0, 80_000_000), rng.randrange(0, 200_000_000),
+                      rng.randrange(0, 40_000_000), rng.choice((0, 0, 1, 777, 10_000)))
+        prompt = rng.randrange(0, 200_000)
+        cached = rng.randrange(0, prompt + 1)
+        completion = rng.randrange(0, 50_000)
+        ppm = rng.choice((MICRO, 1_500_000, 333_333, 2_718_281, 1))
+        assert billing.cost_micro(price, prompt, completion, cached, ppm) == ceil(
+            exact_cost(price, prompt, completion, cached, ppm))
+
+
+# --- prices -------------------------------------------------------------------------------
+
+def test_price_for_reads_rows_and_caches_with_invalidation(ctx):
+    assert billing.price_for("gpt-x") is None
+    make_price("gpt-x", input=1.5, output=6, cached_input=None, per_request=0.01)
+    price = billing.price_for("gpt-x")
+    assert price == Price("gpt-x", 1_500_000, 6_000_000, 1_500_000, 10_000)
+    ctx.config["CACHE_TTL"] = 60
+    try:
+        billing.invalidate_prices()
+        assert billing.price_for("gpt-x").input_micro == 1_500_000
+        make_price("gpt-x", input=9, output=9)  # another process changed it: cache holds
+        assert billing.price_for("gpt-x").input_micro == 1_500_000
+        billing.set_price("gpt-x", 2_000_000, 4_000_000, 500_000, 0)  # this process: invalidated
+        assert billing.price_for("gpt-x") == Price("gpt-x", 2_000_000, 4_000_000, 500_000, 0)
+        assert billing.delete_price("gpt-x") is True
+        assert billing.price_for("gpt-x") is None
+        assert billing.delete_price("gpt-x") is False
+    finally:
+        ctx.config["CACHE_TTL"] = 0
+        billing.invalidate_prices()
+
+
+def test_set_price_refuses_negative_prices(ctx):
+    with pytest.raises(ValueError):
+        billing.set_price("m", -1, 0)
+    with pytest.raises(ValueError):
+        billing.set_price("  ", 1, 0)
+
+
+# --- reserve / settle / release -------------------------------------------------------------
+
+def test_reserve_then_settle_cheaper_releases_the_rest(ctx):
+    uid = make_user("a@example.com", credits=10)
+    full = make_key("a@example.com")
+    key = key_row(full)
+    hold = billing.reserve_credits(uid, key.id, "req-1", 4 * MICRO)
+    assert hold.reservation_id is not None and hold.amount_micro == 4 * MICRO
+    assert balances(uid) == (10 * MICRO, 4 * MICRO)
+    assert db.session.scalar(db.select(Reservation.amount_micro)
+                             .filter_by(request_id="req-1")) == 4 * MICRO
+    charged = billing.settle_credits(hold, 1_234_567, note="chat")
+    db.session.commit()
+    assert charged == 1_234_567
+    assert balances(uid) == (10 * MICRO - 1_234_567, 0)
+    entry = db.session.scalar(db.select(LedgerEntry).filter_by(request_id="req-1"))
+    assert (entry.kind, entry.amount_micro, entry.balance_after_micro, entry.note) == (
+        "charge", -1_234_567, 10 * MICRO - 1_234_567, "chat")
+    key = key_row(full)
+    assert (key.spent_micro, key.reserved_micro) == (1_234_567, 0)
+    assert db.session.scalar(db.select(db.func.count(Reservation.id))) == 0
+
+
+def test_reserve_refuses_with_a_402_a_person_understands(ctx):
+    uid = make_user("a@example.com", credits=2)
+    with pytest.raises(ApiError) as err:
+        billing.reserve_credits(uid, None, "req-1", 2_500_000)
+    assert (err.value.status, err.value.code) == (402, "insufficient_credits")
+    assert "may cost up to 2.5 credits" in err.value.message
+    assert "available balance is 2" in err.value.message
+    assert balances(uid) == (2 * MICRO, 0)
+    assert db.session.scalar(db.select(db.func.count(Reservation.id))) == 0
+    hold = billing.reserve_credits(uid, None, "req-2", 2 * MICRO)  # exactly the balance is fine
+    with pytest.raises(ApiError) as err:
+        billing.reserve_credits(uid, None, "req-3", 1)
+    assert "held by requests in flight" in err.value.message
+    billing.release_credits(hold)
+    assert balances(uid) == (2 * MICRO, 0)
+
+
+def test_key_credit_limit_counts_spent_and_reserved(ctx):
+    uid = make_user("a@example.com", credits=100)
+    full = make_key("a@example.com", credit_limit_micro=5 * MICRO)
+    kid = key_row(full).id
+    first = billing.reserve_credits(uid, kid, "r1", 3 * MICRO)
+    with pytest.raises(ApiError) as err:
+        billing.reserve_credits(uid, kid, "r2", 3 * MICRO)
+    assert (err.value.status, err.value.code) == (402, "key_credit_limit")
+    assert "2 of its 5-credit limit left" in err.value.message
+    assert balances(uid) == (100 * MICRO, 3 * MICRO)  # the user's hold was rolled back too
+    billing.settle_credits(first, 3 * MICRO)
+    db.session.commit()
+    second = billing.reserve_credits(uid, kid, "r2", 2 * MICRO)
+    with pytest.raises(ApiError):
+        billing.reserve_credits(uid, kid, "r3", 1)
+    billing.release_credits(second)
+    assert key_row(full).spent_micro == 3 * MICRO
+    assert billing.reserve_credits(uid, None, "r4", 50 * MICRO).amount_micro == 50 * MICRO
+    db.session.execute(db.delete(Reservation).filter_by(request_id="r4"))
+    db.session.execute(db.update(User).filter_by(id=uid).values(reserved_micro=0))
+    db.session.commit()
+
+
+def test_settle_when_cost_exceeds_hold_charges_only_what_is_covered(ctx):
+    uid = make_user("a@example.com", credits=5)
+    other = billing.reserve_credits(uid, None, "other", 1 * MICRO)  # someone else's hold
+    hold = billing.reserve_credits(uid, None, "big", 2 * MICRO)
+    charged = billing.settle_credits(hold, 9 * MICRO)  # the model ran far past the estimate
+    db.session.commit()
+    assert charged == 4 * MICRO  # everything but the other request's hold
+    assert balances(uid) == (1 * MICRO, 1 * MICRO)
+    assert billing.settle_credits(other, 3 * MICRO) == 1 * MICRO
+    db.session.commit()
+    assert balances(uid) == (0, 0)
+    assert billing.settle_credits(Hold("late", uid, None, 0, None), 5) == 0  # nothing left
+    db.session.commit()
+    assert db.session.scalar(db.select(db.func.count(LedgerEntry.id))
+                             .filter_by(request_id="late")) == 0
+
+
+def test_free_model_hold_writes_nothing(ctx):
+    uid = make_user("a@example.com", credits=0)
+    hold = billing.reserve_credits(uid, None, "free", 0)
+    assert hold.reservation_id is None
+    assert billing.settle_credits(hold, 0) == 0
+    billing.release_credits(hold)
+    db.session.commit()
+    assert db.session.scalar(db.select(db.func.count(Reservation.id))) == 0
+    assert db.session.scalar(db.select(db.func.count(LedgerEntry.id))) == 0
+
+
+def test_settle_is_part_of_the_callers_transaction(ctx):
+    uid = make_user("a@example.com", credits=5)
+    hold = billing.reserve_credits(uid, None, "req", 2 * MICRO)
+    billing.settle_credits(hold, MICRO)
+    db.session.rollback()  # the caller's log write failed: nothing of the settle remains
+    assert balances(uid) == (5 * MICRO, 2 * MICRO)
+    assert billing.settle_credits(hold, MICRO) == MICRO
+    db.session.commit()
+    assert balances(uid) == (4 * MICRO, 0)
+
+
+def test_release_twice_gives_back_once(ctx):
+    uid = make_user("a@example.com", credits=5)
+    hold = billing.reserve_credits(uid, None, "req", 2 * MICRO)
+    billing.release_credits(hold)
+    billing.release_credits(hold)
+    assert balances(uid) == (5 * MICRO, 0)
+
+
+def test_ten_thousand_charges_leave_no_drift(ctx):
+    rng = random.Random(10_000)
+    start = 10**9 * MICRO
+    uid = make_user("rich@example.com", balance_micro=start)
+    price = Price("m", 2_500_000, 10_000_000, 1_250_000, 333)
+    expected, exact_total, charged_total = 0, Fraction(0), 0
+    for i in range(10_000):
+        prompt = rng.randrange(1, 9_000)
+        cached = rng.randrange(0, prompt + 1)
+        completion = rng.randrange(0, 3_000)
+        ppm = rng.choice((MICRO, 1_333_333, 700_001))
+        exact = exact_cost(price, prompt, completion, cached, ppm)
+        exact_total += exact
+        expected += ceil(exact)
+        cost = billing.cost_micro(price, prompt, completion, cached, ppm)
+        charged_total += billing.settle_credits(Hold(f"r{i}", uid, None, 0, None), cost)
+        if i % 1000 == 999:
+            db.session.commit()
+    db.session.commit()
+    assert charged_total == expected
+    assert 0 <= expected - exact_total < 10_000  # rounding: under one micro-credit per request
+    assert balances(uid) == (start - expected, 0)
+    ledger = db.session.scalar(db.select(db.func.sum(LedgerEntry.amount_micro))
+                               .filter_by(user_id=uid))
+    assert ledger == start - expected
+    last = db.session.scalar(db.select(LedgerEntry).order_by(LedgerEntry.id.desc()).limit(1))
+    assert last.balance_after_micro == start - expected
+
+
+# --- sweeper ----------------------------------------------------------------------------------
+
+def age_reservation(request_id, seconds):
+    db.session.execute(db.update(Reservation).filter_by(request_id=request_id)
+                       .values(created_at=utcnow() - timedelta(seconds=seconds)))
+    db.session.commit()
+
+
+def test_sweeper_releases_only_stale_reservations(ctx):
+    uid = make_user("a@example.com", credits=10)
+    kid = key_row(make_key("a@example.com", credit_limit_micro=8 * MICRO)).id
+    billing.reserve_credits(uid, kid, "dead", 3 * MICRO)
+    live = billing.reserve_credits(uid, kid, "live", 2 * MICRO)
+    age_reservation("dead", 3600)
+    assert billing.sweep_reservations(600) == 1
+    assert balances(uid) == (10 * MICRO, 2 * MICRO)
+    key = db.session.get(ApiKey, kid)
+    assert key.reserved_micro == 2 * MICRO
+    assert billing.sweep_reservations(600) == 0
+    billing.release_credits(live)
+
+
+def test_late_settle_after_a_sweep_does_not_release_twice(ctx):
+    uid = make_user("a@example.com", credits=10)
+    kid = key_row(make_key("a@example.com")).id
+    hold = billing.reserve_credits(uid, kid, "slow", 4 * MICRO)
+    other = billing.reserve_credits(uid, kid, "other", 1 * MICRO)
+    age_reservation("slow", 3600)
+    assert billing.sweep_reservations(60) == 1
+    assert balances(uid) == (10 * MICRO, 1 * MICRO)
+    assert billing.settle_credits(hold, 3 * MICRO) == 3 * MICRO  # the work was still done
+    db.session.commit()
+    assert balances(uid) == (7 * MICRO, 1 * MICRO)  # other's hold is untouched
+    assert db.session.get(ApiKey, kid).reserved_micro == 1 * MICRO
+    billing.release_credits(hold)  # and a stray release is harmless
+    billing.release_credits(other)
+    assert balances(uid) == (7 * MICRO, 0)
+
+
+def test_sweeper_default_age_comes_from_config(ctx):
+    ctx.config["RESERVATION_TTL"] = None
+    ctx.config["UPSTREAM_TIMEOUT"] = 30
+    assert billing.default_reservation_ttl() == 150
+    ctx.config["RESERVATION_TTL"] = 45
+    assert billing.default_reservation_ttl() == 45
+    uid = make_user("a@example.com", credits=1)
+    billing.reserve_credits(uid, None, "r", MICRO)
+    age_reservation("r", 46)
+    assert billing.sweep_reservations() == 1
+    assert balances(uid) == (MICRO, 0)
+
+
+# --- grants and codes -----------------------------------------------------------------------
+
+def test_grant_and_deduct(ctx):
+    admin = make_user("admin@example.com", is_admin=True)
+    uid = make_user("a@example.com")
+    entry = billing.grant_credits(uid, 5 * MICRO, note="welcome", created_by_id=admin)
+    assert (entry.kind, entry.amount_micro, entry.balance_after_micro) == ("grant", 5 * MICRO,
+                                                                           5 * MICRO)
+    assert entry.created_by_id == admin
+    hold = billing.reserve_credits(uid, None, "r", 2 * MICRO)
+    with pytest.raises(ValueError, match="available balance is 3"):
+        billing.grant_credits(uid, -4 * MICRO, kind="adjustment")
+    entry = billing.grant_credits(uid, -3 * MICRO, kind="adjustment", note="oops")
+    assert entry.balance_after_micro == 2 * MICRO
+    assert balances(uid) == (2 * MICRO, 2 * MICRO)
+    billing.release_credits(hold)
+    refund = billing.grant_credits(uid, 1, kind="refund")
+    assert refund.balance_after_micro == 2 * MICRO + 1
+    with pytest.raises(ValueError):
+        billing.grant_credits(uid, 0)
+    with pytest.raises(ValueError):
+        billing.grant_credits(uid, 5, kind="charge")
+    with pytest.raises(ValueError, match="no such user"):
+        billing.grant_credits(99_999, -5)
+
+
+def test_codes_redeem_once_and_explain_failures(ctx):
+    uid = make_user("a@example.com")
+    codes = billing.create_codes(2_500_000, 3)
+    assert len(set(codes)) == 3
+    batch = {c.batch for c in db.session.scalars(db.select(RedemptionCode))}
+    assert len(batch) == 1
+    assert billing.redeem_code(uid, "  " + codes[0].upper() + "\n") == 2_500_000
+    assert balances(uid) == (2_500_000, 0)
+    entry = db.session.scalar(db.select(LedgerEntry).filter_by(kind="redemption"))
+    assert entry.amount_micro == 2_500_000 and codes[0][:6] in entry.note
+    with pytest.raises(ValueError, match="already been used"):
+        billing.redeem_code(uid, codes[0])
+    with pytest.raises(ValueError, match="does not exist"):
+        billing.redeem_code(uid, "nope")
+    with pytest.raises(ValueError, match="Enter"):
+        billing.redeem_code(uid, "  ")
+    expired = billing.create_codes(MICRO, 1, expires_at=utcnow() - timedelta(seconds=1))[0]
+    with pytest.raises(ValueError, match="expired"):
+        billing.redeem_code(uid, expired)
+    assert balances(uid) == (2_500_000, 0)
+    with pytest.raises(ValueError):
+        billing.create_codes(0, 1)
+    with pytest.raises(ValueError):
+        billing.create_codes(MICRO, 0)
+
+
+def test_a_failed_redemption_discards_the_callers_pending_rows(ctx):
+    from bootstrap import create_user
+    create_user("new@example.com", "password123")  # registration: pending, not committed
+    with pytest.raises(ValueError):
+        billing.redeem_code(None, "unknown-code")
+    assert db.session.scalar(db.select(User).filter_by(email="new@example.com")) is None
+
+
+# --- the audit ------------------------------------------------------------------------------
+
+def test_check_ledger_detects_every_kind_of_drift(ctx):
+    uid = make_user("a@example.com", credits=5)
+    kid = key_row(make_key("a@example.com", name="ci")).id
+    hold = billing.reserve_credits(uid, kid, "r", MICRO)
+    assert billing.check_ledger() == []
+    db.session.execute(db.update(User).filter_by(id=uid).values(balance_micro=6 * MICRO))
+    db.session.commit()
+    lines = billing.check_ledger()
+    assert lines == ["user a@example.com: balance 6 but the ledger sums to 5 (drift 1)"]
+    db.session.execute(db.update(User).filter_by(id=uid).values(balance_micro=5 * MICRO,
+                                                                 reserved_micro=0))
+    db.session.execute(db.update(ApiKey).filter_by(id=kid).values(reserved_micro=7))
+    db.session.commit()
+    lines = billing.check_ledger()
+    assert len(lines) == 2
+    assert "reserved 0 but open reservations hold 1" in lines[0]
+    assert lines[1].startswith("key 'ci'") and "reserved 0.000007" in lines[1]
+    db.session.execute(db.update(User).filter_by(id=uid).values(reserved_micro=MICRO))
+    db.session.execute(db.update(ApiKey).filter_by(id=kid).values(reserved_micro=MICRO))
+    db.session.commit()
+    billing.release_credits(hold)
+
+
+# --- the legacy OpenAI billing endpoints ------------------------------------------------------
+
+def test_subscription_and_usage_bodies(ctx):
+    uid = make_user("a@example.com", credits=10)
+    full = make_key("a@example.com")
+    limited_full = make_key("a@example.com", name="capped", credit_limit_micro=2_500_000,
+                            expires_at=utcnow().replace(microsecond=0) + timedelta(days=1))
+    hold = billing.reserve_credits(uid, None, "r1", 3 * MICRO)
+    billing.settle_credits(hold, 1_234_567)
+    key = key_row(full)
+    db.session.add(RequestLog(request_id="r1", user_id=uid, key_id=key.id, endpoint="chat",
+                              credits_micro=1_234_567, status="Success", http_status=200))
+    db.session.commit()
+    user = db.session.get(User, uid)
+    body = billing.subscription_summary(user, key)
+    assert body == {"object": "billing_subscription", "has_payment_method": True,
+                    "soft_limit_usd": 10, "hard_limit_usd": 10, "system_hard_limit_usd": 10,
+                    "access_until": 0}
+    capped = key_row(limited_full)
+    body = billing.subscription_summary(user, capped)
+    assert body["hard_limit_usd"] == 2.5
+    assert body["access_until"] > 0
+    today = utcnow().date()
+    usage = billing.usage_total(user, key, today.isoformat(),
+                                (today + timedelta(days=1)).isoformat())
+    assert usage == {"object": "list", "total_usage": 123.4567}  # hundredths of a credit
+    assert billing.usage_total(user, capped, today, today + timedelta(days=1))["total_usage"] == 0
+    assert billing.usage_total(user, key, "2000-01-01", "2000-02-01")["total_usage"] == 0
+    with pytest.raises(ValueError):
+        billing.usage_total(user, key, "yesterday", "2000-01-01")
+    with pytest.raises(ValueError):
+        billing.usage_total(user, key, "2000-02-01", "2000-01-01")
+    assert json.loads(json.dumps(body))["hard_limit_usd"] == 2.5
+
+
+# --- CLI ----------------------------------------------------------------------------------------
+
+def run(runner, *args):
+    return runner.invoke(args=list(args))
+
+
+def test_cli_prices(app, runner):
+    result = run(runner, "prices", "set", "gpt-4o", "--input", "2.5", "--output", "10",
+                 "--cached-input", "1.25", "--per-request", "0.000001")
+    assert result.exit_code == 0, result.output
+    assert "input 2.5, output 10, cached input 1.25" in result.output
+    run(runner, "prices", "set", "free-model", "--input", "0", "--output", "0")
+    result = run(runner, "prices", "list", "--json")
+    rows = {r["model"]: r for r in json.loads(result.output)}
+    assert rows["gpt-4o"]["input_micro"] == 2_500_000
+    assert rows["gpt-4o"]["cached_input"] == "1.25"
+    assert rows["gpt-4o"]["per_request_micro"] == 1
+    assert rows["free-model"]["output"] == "0"
+    assert "gpt-4o  input=2.5" in run(runner, "prices", "list").output
+    with app.app_context():
+        assert billing.price_for("gpt-4o") == Price("gpt-4o", 2_500_000, 10_000_000, 1_250_000, 1)
+    result = run(runner, "prices", "set", "x", "--input", "1.2345678", "--output", "1")
+    assert result.exit_code != 0 and "at most 6 decimal places" in result.output
+    result = run(runner, "prices", "set", "x", "--input", "-1", "--output", "1")
+    assert result.exit_code != 0 and "negative" in result.output
+    assert run(runner, "prices", "delete", "free-model").exit_code == 0
+    result = run(runner, "prices", "delete", "free-model")
+    assert result.exit_code != 0 and "no price for model free-model" in result.output
+
+
+def test_cli_credits_grant_and_deduct(app, runner):
+    with app.app_context():
+        make_user("a@example.com")
+    result = run(runner, "credits", "grant", "A@example.com", "12.5", "--note", "hello")
+    assert result.exit_code == 0, result.output
+    assert "granted 12.5 credits to a@example.com; balance is now 12.5" in result.output
+    result = run(runner, "credits", "grant", "a@example.com", "-2.25")
+    assert result.exit_code == 0, result.output
+    assert "deducted 2.25 credits from a@example.com; balance is now 10.25" in result.output
+    result = run(runner, "credits", "grant", "a@example.com", "-11")
+    assert result.exit_code != 0 and "available balance is 10.25" in result.output
+    result = run(runner, "credits", "grant", "a@example.com", "1.2345678")
+    assert result.exit_code != 0 and "at most 6 decimal places" in result.output
+    result = run(runner, "credits", "grant", "nobody@example.com", "1")
+    assert result.exit_code != 0 and "no user with email nobody@example.com" in result.output
+    result = run(runner, "credits", "grant", "a@example.com", "lots")
+    assert result.exit_code != 0 and "not a number" in result.output
+    with app.app_context():
+        kinds = [(e.kind, e.amount_micro, e.note) for e in
+                 db.session.scalars(db.select(LedgerEntry).order_by(LedgerEntry.id))]
+        assert kinds == [("grant", 12_500_000, "hello"), ("adjustment", -2_250_000, None)]
+
+
+def test_cli_codes_create(app, runner):
+    result = run(runner, "codes", "create", "--amount", "5", "--count", "3",
+                 "--expires-days", "7")
+    assert result.exit_code == 0, result.output
+    codes = result.output.split()
+    assert len(codes) == 3
+    with app.app_context():
+        rows = db.session.scalars(db.select(RedemptionCode)).all()
+        assert {r.code for r in rows} == set(codes)
+        assert {r.amount_micro for r in rows} == {5 * MICRO}
+        assert all(r.expires_at > utcnow() + timedelta(days=6) for r in rows)
+    result = run(runner, "codes", "create", "--amount", "1.2345678", "--count", "1")
+    assert result.exit_code != 0 and "at most 6 decimal places" in result.output
+    result = run(runner, "codes", "create", "--amount", "1", "--count", "0")
+    assert result.exit_code != 0 and "count" in result.output
+    result = run(runner, "codes", "create", "--amount", "1", "--expires-days", "0")
+    assert result.exit_code != 0
+
+
+def test_cli_billing_check_and_sweep(app, runner):
+    with app.app_context():
+        uid = make_user("a@example.com", credits=3)
+        make_user("b@example.com")
+    result = run(runner, "billing", "check")
+    assert (result.exit_code, result.output.strip()) == (0, "ledger OK: 2 users")
+    with app.app_context():
+        billing.reserve_credits(uid, None, "stuck", MICRO)
+        age_reservation("stuck", 10_000)
+        db.session.execute(db.update(User).filter_by(id=uid).values(balance_micro=1))
+        db.session.commit()
+    result = run(runner, "billing", "check")
+    assert result.exit_code == 1
+    assert "user a@example.com: balance 0.000001 but the ledger sums to 3" in result.output
+    with app.app_context():
+        db.session.execute(db.update(User).filter_by(id=uid).values(balance_micro=3 * MICRO))
+        db.session.commit()
+    result = run(runner, "billing", "sweep", "--max-age", "20000")
+    assert "released 0 reservations older than 20000s" in result.output
+    result = run(runner, "billing", "sweep")
+    assert result.exit_code == 0 and "released 1 reservation older than" in result.output
+    assert run(runner, "billing", "check").exit_code == 0
+    assert run(runner, "billing", "sweep", "--max-age", "-1").exit_code != 0
+    with app.app_context():
+        assert balances(uid) == (3 * MICRO, 0)
