@@ -2,12 +2,16 @@
 import requests
 from flask import current_app
 
+from blueprints.api.providers.anthropic import AnthropicAdaptor
 from blueprints.api.providers.base import Target
+from blueprints.api.providers.gemini import GeminiAdaptor
 from blueprints.api.providers.mock import MockAdaptor
 from blueprints.api.providers.openai import OpenAIAdaptor
 
 ADAPTORS = {
     "openai": OpenAIAdaptor,  # OpenAI and every compatible API: DeepSeek, Qwen, vLLM, Ollama...
+    "anthropic": AnthropicAdaptor,
+    "gemini": GeminiAdaptor,
     "mock": MockAdaptor,
 }
 

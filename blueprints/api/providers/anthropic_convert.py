@@ -454,8 +454,9 @@ def anthropic_to_openai_request(body):
     messages = []
     system = body.get("system")
     if system:
-        messages.append({"role": "system",
-                         "content": system if isinstance(system, str) else text_of(system)})
+        if not isinstance(system, str):
+            system = "\n\n".join(b.get("text", "") for b in system if b.get("type") == "text")
+        messages.append({"role": "system", "content": system})
     messages.extend(_openai_messages(body.get("messages") or []))
     out = {"model": body.get("model"), "messages": messages}
     if body.get("max_tokens"):
