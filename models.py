@@ -247,6 +247,10 @@ class RequestLog(db.Model):
     __table_args__ = (
         Index("ix_logs_user_time", "user_id", "created_at"),
         Index("ix_logs_time", "created_at"),
+        # The console's model and key filters stay fast on a million rows even when they match
+        # few or none (otherwise the newest-first scan walks the whole time index).
+        Index("ix_logs_model_time", "model", "created_at"),
+        Index("ix_logs_key_time", "key_name", "created_at"),
     )
     id: Mapped[int] = mapped_column(primary_key=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

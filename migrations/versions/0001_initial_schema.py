@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-25 17:36:15.357581
+Create Date: 2026-11-25 17:51:38.371321
 
 """
 from alembic import op
@@ -198,6 +198,8 @@ def upgrade():
     sa.UniqueConstraint('request_id')
     )
     with op.batch_alter_table('request_logs', schema=None) as batch_op:
+        batch_op.create_index('ix_logs_key_time', ['key_name', 'created_at'], unique=False)
+        batch_op.create_index('ix_logs_model_time', ['model', 'created_at'], unique=False)
         batch_op.create_index('ix_logs_time', ['created_at'], unique=False)
         batch_op.create_index('ix_logs_user_time', ['user_id', 'created_at'], unique=False)
 
@@ -230,6 +232,8 @@ def downgrade():
     with op.batch_alter_table('request_logs', schema=None) as batch_op:
         batch_op.drop_index('ix_logs_user_time')
         batch_op.drop_index('ix_logs_time')
+        batch_op.drop_index('ix_logs_model_time')
+        batch_op.drop_index('ix_logs_key_time')
 
     op.drop_table('request_logs')
     with op.batch_alter_table('redemption_codes', schema=None) as batch_op:

@@ -1,0 +1,192 @@
+"""/logs and /logs.csv: visibility, filters, keyset pagination and the CSV export."""
+import csv
+import html
+import io
+import re
+from datetime import datetime, timedelta
+
+import pytest
+
+from tests.support import insert_logs, login_session, make_key, make_user
+
+T0 = datetime(2026, 3, 10, 12, 0, 0)
+
+
+def request_ids(response):
+    """Request ids of the table rows, in page order."""
+    return re.findall(r'data-request-id="([^"]+)"', response.get_data(as_text=True))
+
+
+def next_link(response):
+    """The 'Older' link of a logs page, or None on the last page."""
+    match = re.search(r'rel="next" href="([^"]+)"', response.get_data(as_text=True))
+    return html.unescape(match.group(1)) if match else None
+
+
+def csv_records(response):
+    return list(csv.DictReader(io.StringIO(response.get_data(as_text=True))))
+
+
+@pytest.fixture
+def people(app):
+    """An admin and two members, each member with logs of their own."""
+    with app.app_context():
+        ids = {"admin": make_user("admin@example.com", is_admin=True),
+               "alice": make_user("alice@example.com"), "bob": make_user("bob@example.com")}
+        make_key("alice@example.com", name="laptop")
+        insert_logs([
+            {"user_id": ids["alice"], "request_id": "a-old", "created_at": T0 - timedelta(days=3),
+             "model": "gpt-4o", "key_name": "laptop", "prompt_tokens": 120,
+             "completion_tokens": 30, "cached_tokens": 20, "credits_micro": 1_234,
+             "is_stream": True, "ttft_ms": 210, "latency_ms": 900, "channel_name": "openai-a"},
+            {"user_id": ids["alice"], "request_id": "a-fail", "created_at": T0 - timedelta(days=1),
+             "model": "gpt-4o-mini", "key_name": "ci", "status": "Failed", "http_status": 502,
+             "credits_micro": 0, "completion_tokens": 0, "error": "upstream said no"},
+            {"user_id": ids["alice"], "request_id": "a-new", "created_at": T0,
+             "model": "gpt-4o-mini", "key_name": "laptop", "credits_micro": 2_500_000},
+            {"user_id": ids["bob"], "request_id": "b-1", "created_at": T0 - timedelta(hours=1),
+             "model": "gpt-4o", "key_name": "laptop", "status": "Timeout", "http_status": 504},
+        ])
+    return ids
+
+
+def test_anonymous_visitors_are_sent_to_login(client):
+    for url in ("/logs", "/logs.csv"):
+        response = client.get(url)
+        assert response.status_code == 302 and "/login" in response.headers["Location"]
+
+
+def test_members_see_only_their_own_rows(client, people):
+    login_session(client, people["alice"])
+    assert request_ids(client.get("/logs")) == ["a-new", "a-fail", "a-old"]
+    # A member cannot widen the view with the admin-only user filter.
+    assert request_ids(client.get("/logs?user=bob@example.com")) == ["a-new", "a-fail", "a-old"]
+    assert [r["request_id"] for r in csv_records(client.get("/logs.csv"))] == [
+        "a-new", "a-fail", "a-old"]
+    assert "b-1" not in client.get("/logs.csv?user=bob@example.com").get_data(as_text=True)
+
+
+def test_admins_see_everyone_and_filter_by_user(client, people):
+    login_session(client, people["admin"])
+    page = client.get("/logs")
+    assert request_ids(page) == ["a-new", "b-1", "a-fail", "a-old"]
+    assert "bob@example.com" in page.get_data(as_text=True)
+    assert request_ids(client.get("/logs?user=BOB@example.com")) == ["b-1"]
+    assert request_ids(client.get("/logs?user=nobody@example.com")) == []
+
+
+@pytest.mark.parametrize("query, expected", [
+    ("model=gpt-4o", ["b-1", "a-old"]),
+    ("key=laptop", ["a-new", "b-1", "a-old"]),
+    ("status=Failed", ["a-fail"]),
+    ("status=Timeout", ["b-1"]),
+    ("status=bogus", ["a-new", "b-1", "a-fail", "a-old"]),  # unknown values do not filter
+    ("from=2026-03-09", ["a-new", "b-1", "a-fail"]),
+    ("to=2026-03-09", ["a-fail", "a-old"]),  # 'to' includes the whole day
+    ("from=2026-03-07&to=2026-03-07", ["a-old"]),
+    ("from=2026-03-10&model=gpt-4o-mini&key=laptop&status=Success", ["a-new"]),
+])
+def test_filters(client, people, query, expected):
+    login_session(client, people["admin"])
+    assert request_ids(client.get("/logs?" + query)) == expected
+    assert [r["request_id"] for r in csv_records(client.get("/logs.csv?" + query))] == expected
+
+
+def test_row_shows_every_spec_field(client, people):
+    login_session(client, people["alice"])
+    text = client.get("/logs?model=gpt-4o").get_data(as_text=True)
+    row = text[text.index('data-request-id="a-old"'):]
+    row = row[:row.index("</tr>")]
+    cells = [re.sub(r"<[^>]+>", "", c).strip() for c in re.findall(r"<td[^>]*>(.*?)</td>", row, re.S)]
+    assert cells == ["2026-03-07 12:00:00", "a-old", "laptop", "gpt-4o", "openai-a",
+                     "/v1/chat/completions", "yes", "120", "30", "20", "0.001234", "Success",
+                     "200", "900 ms", "210 ms", "no"]
+
+
+def test_keyset_pagination_has_no_duplicates_or_gaps(app, client):
+    with app.app_context():
+        user_id = make_user("many@example.com")
+        # 50 rows share one timestamp, so the cursor must break ties by id.
+        rows = [{"user_id": user_id, "request_id": f"r{n:03d}",
+                 "created_at": T0 - timedelta(minutes=0 if n < 50 else n)} for n in range(123)]
+        insert_logs(rows)
+    login_session(client, user_id)
+    seen, url, pages = [], "/logs", 0
+    while url:
+        response = client.get(url)
+        assert response.status_code == 200
+        ids = request_ids(response)
+        assert len(ids) == (50 if pages < 2 else 23)
+        seen += ids
+        url, pages = next_link(response), pages + 1
+    assert pages == 3
+    assert len(seen) == len(set(seen)) == 123
+    expected = [r[2] for r in sorted(
+        stored_rows(app, user_id), key=lambda r: (r[1], r[0]), reverse=True)]
+    assert seen == expected
+
+
+def stored_rows(app, user_id):
+    """(id, created_at, request_id) of the user's rows, read back from the database."""
+    from extensions import db
+    from models import RequestLog
+    with app.app_context():
+        rows = db.session.execute(db.select(RequestLog.id, RequestLog.created_at,
+                                           RequestLog.request_id)
+                                  .filter_by(user_id=user_id)).all()
+    return [(row.id, row.created_at, row.request_id) for row in rows]
+
+
+def test_pagination_keeps_filters_and_rejects_junk_cursors(app, client):
+    with app.app_context():
+        user_id = make_user("many@example.com")
+        insert_logs([{"user_id": user_id, "created_at": T0 - timedelta(minutes=n),
+                      "model": "gpt-4o" if n % 2 else "gpt-4o-mini", "request_id": f"r{n:03d}"}
+                     for n in range(120)])
+    login_session(client, user_id)
+    first = client.get("/logs?model=gpt-4o")
+    link = next_link(first)
+    assert "model=gpt-4o" in link
+    second = client.get(link)
+    assert request_ids(second) == [f"r{n:03d}" for n in range(101, 120, 2)]
+    assert next_link(second) is None
+    assert request_ids(client.get("/logs?before=not-a-cursor")) == request_ids(client.get("/logs"))
+
+
+def test_csv_export_has_all_columns_and_decimal_credits(client, people):
+    login_session(client, people["admin"])
+    response = client.get("/logs.csv?model=gpt-4o")
+    assert response.mimetype == "text/csv"
+    assert "attachment" in response.headers["Content-Disposition"]
+    records = csv_records(response)
+    assert list(records[0]) == [
+        "time", "request_id", "user", "key_name", "model", "channel", "endpoint", "stream",
+        "prompt_tokens", "completion_tokens", "cached_tokens", "credits", "status",
+        "http_status", "latency_ms", "ttft_ms", "estimated", "error"]
+    old = records[1]
+    assert (old["request_id"], old["user"], old["credits"], old["prompt_tokens"],
+            old["cached_tokens"], old["stream"], old["ttft_ms"]) == (
+        "a-old", "alice@example.com", "0.001234", "120", "20", "yes", "210")
+    assert records[0]["status"] == "Timeout" and records[0]["ttft_ms"] == ""
+
+
+def test_csv_streams_many_rows(app, client):
+    with app.app_context():
+        user_id = make_user("many@example.com")
+        insert_logs([{"user_id": user_id, "created_at": T0 - timedelta(seconds=n),
+                      "credits_micro": n} for n in range(2600)])
+    login_session(client, user_id)
+    response = client.get("/logs.csv")
+    assert response.is_streamed
+    records = csv_records(response)
+    assert len(records) == 2600
+    assert records[0]["credits"] == "0" and records[-1]["credits"] == "0.002599"
+
+
+def test_empty_states(client, people):
+    login_session(client, people["bob"])
+    assert "No requests match these filters" in client.get("/logs?model=nope").get_data(as_text=True)
+    with client.application.app_context():
+        newcomer = make_user("new@example.com")
+    login_session(client, newcomer)
+    assert "No requests yet" in client.get("/logs").get_data(as_text=True)
