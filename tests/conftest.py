@@ -16,7 +16,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from tests.support import (  # noqa: E402
-    LiveGateway, make_channel, make_key, make_price, make_user, pg_admin_url,
+    LiveGateway, drop_postgres_database, make_channel, make_key, make_price, make_user, pg_admin_url,
     postgres_database_url,
 )
 
@@ -24,13 +24,17 @@ BACKENDS = ["sqlite", "postgresql"]
 
 
 def _worker_id(request):
-    return getattr(request.config, "workerinput", {}).get("workerid", "main")
+    """Unique per pytest process, so concurrent runs never drop each other's databases."""
+    worker = getattr(request.config, "workerinput", {}).get("workerid", "main")
+    return f"{worker}_{os.getpid()}"
 
 
 @pytest.fixture(scope="session")
 def pg_url(request):
-    """A PostgreSQL database of this test worker's own, created fresh for the session."""
-    return postgres_database_url(f"tokenopen_t_{_worker_id(request)}")
+    """A PostgreSQL database of this test process's own, created fresh, dropped at the end."""
+    name = f"tokenopen_t_{_worker_id(request)}"
+    yield postgres_database_url(name)
+    drop_postgres_database(name)
 
 
 @pytest.fixture(scope="session")
@@ -147,11 +151,12 @@ def gateway_sqlite(tmp_path_factory, fake_upstream):
 def gateway_pg(tmp_path_factory, fake_upstream, request):
     """gunicorn + gevent serving the app on PostgreSQL (a database of its own)."""
     path = tmp_path_factory.mktemp("gw-pg")
-    url = postgres_database_url(f"tokenopen_gw_{_worker_id(request)}")
-    gw = LiveGateway(url, str(path), fake_upstream)
+    name = f"tokenopen_gw_{_worker_id(request)}"
+    gw = LiveGateway(postgres_database_url(name), str(path), fake_upstream)
     gw.start()
     yield gw
     gw.stop()
+    drop_postgres_database(name)
 
 
 @pytest.fixture(params=BACKENDS)

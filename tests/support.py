@@ -30,6 +30,16 @@ def postgres_database_url(name):
     return f"{PG_HOST}/{name}"
 
 
+def drop_postgres_database(name):
+    """Drop a test database (after its connections are gone)."""
+    engine = create_engine(pg_admin_url(), isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(text(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"), {"n": name})
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+    engine.dispose()
+
+
 def free_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

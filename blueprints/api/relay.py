@@ -22,18 +22,18 @@ from blueprints.api.request_log import add_request_log
 from blueprints.api.routing import choose_channels, model_exists, note_failure, note_success
 from blueprints.api.tokens import count_text, estimate_prompt_tokens, requested_output_cap
 from extensions import db
-from models import ApiKey, Setting, split_list, utcnow
+from models import ApiKey, Group, Setting, User, split_list, utcnow
 
 # Fields each JSON endpoint cannot do without (besides `model`).
 REQUIRED_FIELDS = {
     "chat": ("messages",), "completions": ("prompt",), "embeddings": ("input",),
     "responses": ("input",), "images": ("prompt",), "audio_speech": ("input",),
-    "messages": ("messages", "max_tokens"),
+    "messages": ("messages", "max_tokens"), "messages_count_tokens": ("messages",),
 }
 MULTIPART_ENDPOINTS = ("audio_transcriptions", "audio_translations")
 
-_keys_by_hash = TTLCache()
-_settings = TTLCache()
+_keys_by_hash = TTLCache(depends_on=(ApiKey, User, Group))
+_settings = TTLCache(depends_on=(Setting,))
 
 
 @dataclass(frozen=True)
@@ -94,6 +94,15 @@ def relay(endpoint):
     if reply.is_stream:
         return deliver_stream(flight, reply, first_chunk)
     return deliver_whole(flight, reply)
+
+
+def count_message_tokens():
+    """POST /v1/messages/count_tokens: a local, free count; nothing is reserved or logged."""
+    from blueprints.api.providers.anthropic_convert import count_tokens
+    key = authenticate()
+    call = parse_call("messages_count_tokens", g.request_id)
+    authorize(key, call.model)
+    return count_tokens(call.body)
 
 
 def authenticate():
@@ -358,6 +367,10 @@ def finish(flight, reply, status, http_status, error=None):
         else:
             charged, state = 0, "void"
         key, call, route = flight.key, flight.call, flight.route
+        if key is not None:
+            # Lock order on every path: users -> api_keys -> usage_daily (no deadlocks on PG).
+            db.session.execute(update(ApiKey).where(ApiKey.id == key.id)
+                               .values(last_used_at=utcnow()))
         add_request_log(
             request_id=flight.request_id, user_id=key.user_id if key else None,
             key_id=key.id if key else None, key_name=key.name if key else None,
@@ -369,9 +382,6 @@ def finish(flight, reply, status, http_status, error=None):
             cached_tokens=usage.cached_tokens, credits_micro=charged, status=status,
             http_status=http_status, latency_ms=_elapsed_ms(flight), ttft_ms=flight.ttft_ms,
             estimated=estimated, billing=state, error=error, client_ip=request.remote_addr)
-        if key is not None:
-            db.session.execute(update(ApiKey).where(ApiKey.id == key.id)
-                               .values(last_used_at=utcnow()))
         db.session.commit()
     except Exception:  # noqa: BLE001 - the response is already out; the sweeper frees the hold
         db.session.rollback()

@@ -6,7 +6,7 @@ from flask import Blueprint, g, jsonify, request
 
 from blueprints.api import billing
 from blueprints.api.errors import ApiError
-from blueprints.api.relay import authenticate, relay
+from blueprints.api.relay import authenticate, count_message_tokens, relay
 from extensions import db
 from models import ApiKey, Channel, ChannelModel
 
@@ -71,6 +71,11 @@ def audio_translations():
 @bp.post("/messages")
 def messages():
     return relay("messages")
+
+
+@bp.post("/messages/count_tokens")
+def messages_count_tokens():
+    return jsonify(count_message_tokens())
 
 
 # --- models -------------------------------------------------------------------------------

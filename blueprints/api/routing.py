@@ -11,7 +11,7 @@ from blueprints.api.providers.base import Target
 from extensions import db
 from models import Channel, ChannelModel, utcnow
 
-_channels_by_model = TTLCache()
+_channels_by_model = TTLCache(depends_on=(Channel, ChannelModel))
 
 
 @dataclass(frozen=True)
