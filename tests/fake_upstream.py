@@ -352,5 +352,8 @@ if __name__ == "__main__":
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args()
     import logging
+
+    from werkzeug.serving import WSGIRequestHandler
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    WSGIRequestHandler.protocol_version = "HTTP/1.1"  # keep-alive, as real providers do
     app.run(host="127.0.0.1", port=args.port, threaded=True)

@@ -6,13 +6,14 @@ from datetime import timedelta
 from fractions import Fraction
 
 import pytest
+from sqlalchemy import update
 
 from blueprints.api import billing
 from blueprints.api.billing import Hold, Price
 from blueprints.api.errors import ApiError
 from extensions import db
-from models import MICRO, ApiKey, LedgerEntry, RedemptionCode, RequestLog, Reservation, User, \
-    utcnow
+from models import MICRO, ApiKey, LedgerEntry, ModelPrice, RedemptionCode, RequestLog, Reservation, \
+    User, utcnow
 from tests.support import make_key, make_price, make_user
 
 
@@ -119,8 +120,14 @@ def test_price_for_reads_rows_and_caches_with_invalidation(ctx):
     try:
         billing.invalidate_prices()
         assert billing.price_for("gpt-x").input_micro == 1_500_000
-        make_price("gpt-x", input=9, output=9)  # another process changed it: cache holds
+        # Another process changes the row (no ORM flush in this one): the cache holds until TTL.
+        db.session.execute(update(ModelPrice).where(ModelPrice.model == "gpt-x")
+                           .values(input_micro=9_000_000))
+        db.session.commit()
         assert billing.price_for("gpt-x").input_micro == 1_500_000
+        # A change through the ORM in this process clears the cache at once.
+        make_price("gpt-x", input=7, output=9)
+        assert billing.price_for("gpt-x").input_micro == 7_000_000
         billing.set_price("gpt-x", 2_000_000, 4_000_000, 500_000, 0)  # this process: invalidated
         assert billing.price_for("gpt-x") == Price("gpt-x", 2_000_000, 4_000_000, 500_000, 0)
         assert billing.delete_price("gpt-x") is True

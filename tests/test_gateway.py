@@ -53,6 +53,11 @@ def test_chat_non_stream_answers_and_logs_one_honest_row(gateway):
     [seen] = upstream_requests(gateway, "/v1/chat/completions")
     assert seen["auth"] == f"Bearer {UPSTREAM_KEY}"
 
+    from extensions import db
+    from models import ApiKey
+    last_used = gateway.scalar(db.select(ApiKey.last_used_at))
+    assert last_used is not None
+
 
 def test_chat_stream_hides_the_usage_chunk_it_injected(gateway):
     key = gateway.member(credits=10)

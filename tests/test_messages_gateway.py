@@ -277,3 +277,23 @@ def test_failover_across_channel_types_for_one_model(gateway):
     assert [r["credits_micro"] for r in rows] == [24, 24]
     paths = [e["path"] for e in gateway.upstream.events() if e["type"] == "request"]
     assert paths.count("/v1/messages") == 2  # the anthropic channel was tried first each time
+
+
+# --- count_tokens -----------------------------------------------------------------------------
+
+def test_count_tokens_is_local_free_and_authenticated(live):
+    key = setup_member(live)
+    client = anthropic_client(live, key)
+    short = client.messages.count_tokens(
+        model="claude-sonnet-4-6", messages=[{"role": "user", "content": "hi"}])
+    longer = client.messages.count_tokens(
+        model="claude-sonnet-4-6", system="You are terse.",
+        messages=[{"role": "user", "content": "hi " * 50}])
+    assert 0 < short.input_tokens < longer.input_tokens
+    assert live.logs() == [] and live.upstream.events() == []  # free: no log, no upstream call
+    with pytest.raises(anthropic.AuthenticationError) as caught:
+        anthropic_client(live, "sk-wrong").messages.count_tokens(
+            model="claude-sonnet-4-6", messages=[{"role": "user", "content": "hi"}])
+    assert caught.value.body["type"] == "error"
+    with pytest.raises(anthropic.NotFoundError):
+        client.messages.count_tokens(model="nope", messages=[{"role": "user", "content": "x"}])

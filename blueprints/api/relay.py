@@ -32,6 +32,8 @@ REQUIRED_FIELDS = {
 }
 MULTIPART_ENDPOINTS = ("audio_transcriptions", "audio_translations")
 
+LAST_USED_RESOLUTION = 60  # seconds
+_last_used_written = {}  # key hash -> monotonic time this worker last wrote last_used_at
 _keys_by_hash = TTLCache(depends_on=(ApiKey, User, Group))
 _settings = TTLCache(depends_on=(Setting,))
 
@@ -40,6 +42,7 @@ _settings = TTLCache(depends_on=(Setting,))
 class KeyInfo:
     """What the hot path needs to know about a key, its owner and their group."""
     id: int
+    hash: str
     name: str
     user_id: int
     disabled: bool
@@ -136,7 +139,7 @@ def _load_key(key_hash):
             networks.append(ipaddress.ip_network(cidr, strict=False))
         except ValueError:
             current_app.logger.warning("key %s has a bad IP range %r", row.id, cidr)
-    return KeyInfo(id=row.id, name=row.name, user_id=user.id, disabled=row.disabled,
+    return KeyInfo(id=row.id, hash=key_hash, name=row.name, user_id=user.id, disabled=row.disabled,
                    expires_at=row.expires_at, models=tuple(row.model_list),
                    networks=tuple(networks), rpm=row.rpm or 0, user_disabled=user.disabled,
                    group_models=group.models, group_rpm=group.rpm or 0,
@@ -367,7 +370,7 @@ def finish(flight, reply, status, http_status, error=None):
         else:
             charged, state = 0, "void"
         key, call, route = flight.key, flight.call, flight.route
-        if key is not None:
+        if key is not None and _last_used_is_stale(key.hash):
             # Lock order on every path: users -> api_keys -> usage_daily (no deadlocks on PG).
             db.session.execute(update(ApiKey).where(ApiKey.id == key.id)
                                .values(last_used_at=utcnow()))
@@ -386,6 +389,17 @@ def finish(flight, reply, status, http_status, error=None):
     except Exception:  # noqa: BLE001 - the response is already out; the sweeper frees the hold
         db.session.rollback()
         current_app.logger.exception("could not settle/log request %s", flight.request_id)
+
+
+def _last_used_is_stale(key_hash):
+    """`last_used_at` is kept to the minute: one write per key per minute per worker."""
+    now = time.monotonic()
+    if now - _last_used_written.get(key_hash, -LAST_USED_RESOLUTION) < LAST_USED_RESOLUTION:
+        return False
+    if len(_last_used_written) > 100_000:
+        _last_used_written.clear()
+    _last_used_written[key_hash] = now
+    return True
 
 
 def _metered_usage(flight, reply):
