@@ -11,7 +11,9 @@ import requests
 from blueprints.api.errors import ApiError
 from blueprints.api.providers import anthropic_convert as convert
 from blueprints.api.providers.anthropic import AnthropicAdaptor, parse_event
-from blueprints.api.providers.base import Call, Reply, StreamBroken, Target, UpstreamFailure, Usage
+from blueprints.api.providers.base import (
+    Call, Reply, StreamBroken, Target, UpstreamFailure, Usage, split_sse,
+)
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 
@@ -27,13 +29,13 @@ def fixture_bytes(name):
 
 
 def anthropic_events(name):
-    return [parse_event(e) for e in convert.split_sse([fixture_bytes(name)])]
+    return [parse_event(e) for e in split_sse([fixture_bytes(name)])]
 
 
 def openai_chunks(stream_bytes):
     """Parsed OpenAI chunks (and the literal "[DONE]") from SSE bytes."""
     out = []
-    for event in convert.split_sse(stream_bytes if isinstance(stream_bytes, list) else [stream_bytes]):
+    for event in split_sse(stream_bytes if isinstance(stream_bytes, list) else [stream_bytes]):
         text = event.decode()
         assert text.startswith("data: ")
         data = text[len("data: "):]
@@ -43,7 +45,7 @@ def openai_chunks(stream_bytes):
 
 def anthropic_stream(chunks):
     """[(event name, data)] from Anthropic SSE byte pieces, checking name == data.type."""
-    events = [parse_event(e) for e in convert.split_sse(chunks)]
+    events = [parse_event(e) for e in split_sse(chunks)]
     for name, data in events:
         assert name == data["type"]
     return events

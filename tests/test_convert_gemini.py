@@ -12,7 +12,7 @@ import requests
 from blueprints.api.errors import ApiError
 from blueprints.api.providers import gemini_convert as convert
 from blueprints.api.providers.anthropic import parse_event
-from blueprints.api.providers.anthropic_convert import split_sse
+from blueprints.api.providers.base import split_sse
 from blueprints.api.providers.base import Call, StreamBroken, Target, UpstreamFailure, Usage
 from blueprints.api.providers.gemini import GeminiAdaptor
 from tests.test_convert_anthropic import fixture_bytes, fixture_json, openai_chunks

@@ -20,7 +20,6 @@ from blueprints.admin.forms import (BalanceForm, ChannelForm, CodesForm,
 from blueprints.api.billing import (check_ledger, create_codes, default_reservation_ttl,
                                     delete_price, grant_credits, set_price, sweep_reservations,
                                     user_count)
-from blueprints.api.routing import forget_cached_routes
 from blueprints.auth.access import admin_required
 from blueprints.keys.forms import CreateKeyForm
 from blueprints.queries import paginate
@@ -113,7 +112,6 @@ def channel_new():
             db.session.add(channel)
             _save_channel(form, channel)
             db.session.commit()
-            forget_cached_routes()
             flash(f"Channel {channel.name} added. Press Test to try it.", "ok")
             return redirect(url_for(".channels"))
     if form.is_submitted():
@@ -136,7 +134,6 @@ def channel_edit(channel_id):
         else:
             _save_channel(form, channel)
             db.session.commit()
-            forget_cached_routes()
             flash(f"Channel {channel.name} saved.", "ok")
             return redirect(url_for(".channels"))
     if form.is_submitted():
@@ -151,7 +148,6 @@ def channel_toggle(channel_id):
     channel = db.get_or_404(Channel, channel_id)
     channel.enabled = not channel.enabled
     db.session.commit()
-    forget_cached_routes()
     flash(f"Channel {channel.name} {'enabled' if channel.enabled else 'disabled'}.", "ok")
     return redirect(url_for(".channels"))
 
@@ -164,7 +160,6 @@ def channel_delete(channel_id):
     name = channel.name
     db.session.delete(channel)
     db.session.commit()
-    forget_cached_routes()
     flash(f"Channel {name} deleted.", "ok")
     return redirect(url_for(".channels"))
 
@@ -176,7 +171,6 @@ def channel_test_view(channel_id):
     channel = db.get_or_404(Channel, channel_id)
     ok, latency_ms, message = channel_test.test_channel(channel)
     db.session.commit()
-    forget_cached_routes()
     if ok:
         flash(f"Test of {channel.name}: OK, {message}", "ok")
     else:

@@ -86,8 +86,7 @@ def set_price(model, input_micro, output_micro, cached_input_micro=None, per_req
     row.cached_input_micro = cached_input_micro
     row.per_request_micro = per_request_micro or 0
     db.session.add(row)
-    db.session.commit()
-    invalidate_prices()
+    db.session.commit()  # the ORM flush cleared this worker's price cache
     return row
 
 
@@ -97,8 +96,7 @@ def delete_price(model):
     if row is None:
         return False
     db.session.delete(row)
-    db.session.commit()
-    invalidate_prices()
+    db.session.commit()  # the ORM flush cleared this worker's price cache
     return True
 
 

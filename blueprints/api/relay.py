@@ -420,8 +420,3 @@ def _status_for(http_status):
 
 def _elapsed_ms(flight):
     return int((time.monotonic() - flight.started) * 1000)
-
-
-def forget_cached_keys():
-    """Drop this worker's cached keys (after a key, user or group change)."""
-    _keys_by_hash.clear()

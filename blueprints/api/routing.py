@@ -105,8 +105,3 @@ def note_success(route):
         fail_count=0, cooldown_until=None))
     db.session.commit()
     _channels_by_model.clear()
-
-
-def forget_cached_routes():
-    """Drop this worker's cached channel lists (after an admin change)."""
-    _channels_by_model.clear()

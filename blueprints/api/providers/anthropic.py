@@ -31,17 +31,7 @@ def header_value(headers, name):
 def post_json(adaptor, url, body, headers, stream):
     """POST JSON upstream; UpstreamFailure for connect errors, timeouts and non-2xx answers."""
     headers = dict(headers, **{"Content-Type": "application/json"})
-    try:
-        response = adaptor.http.post(url, data=json.dumps(body).encode(), headers=headers,
-                                     stream=stream, timeout=adaptor.timeout)
-    except requests.ConnectTimeout as err:
-        raise UpstreamFailure("connect", f"could not connect to upstream: {err}") from None
-    except requests.Timeout:
-        raise UpstreamFailure("timeout", "upstream did not answer in time") from None
-    except requests.RequestException as err:
-        raise UpstreamFailure("connect", f"could not reach upstream: {type(err).__name__}") \
-            from None
-    return response
+    return adaptor.http_post(url, data=json.dumps(body).encode(), headers=headers, stream=stream)
 
 
 def read_json(response):

@@ -16,7 +16,7 @@ import uuid
 
 from blueprints.api.errors import ApiError
 from blueprints.api.providers.base import (
-    Call, Reply, StreamBroken, UpstreamFailure, sse_data, sse_encode,
+    Call, Reply, StreamBroken, UpstreamFailure, split_sse, sse_data, sse_encode,
 )
 from blueprints.api.tokens import estimate_prompt_tokens
 
@@ -536,22 +536,6 @@ def _message_id(openai_id):
 
 
 # --- inbound: OpenAI chunks -> Anthropic events -------------------------------------------
-
-def split_sse(chunks):
-    """Whole SSE events (bytes, without the blank line) from an iterator of byte pieces."""
-    buffer = b""
-    for piece in chunks:
-        buffer += piece.replace(b"\r\n", b"\n")
-        while True:
-            end = buffer.find(b"\n\n")
-            if end < 0:
-                break
-            event, buffer = buffer[:end], buffer[end + 2:]
-            if event.strip():
-                yield event
-    if buffer.strip():
-        yield buffer
-
 
 class _EventWriter:
     """Anthropic stream events with the block bookkeeping they need (one open block at a time)."""

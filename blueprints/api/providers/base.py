@@ -15,6 +15,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Iterator
 
+import requests
+
 from blueprints.api.errors import ApiError
 
 # Endpoint names used by Call.endpoint; an adaptor serves those it has send_<name> for.
@@ -151,6 +153,18 @@ class Adaptor:
 
     # Helpers for subclasses ------------------------------------------------------------
 
+    def http_post(self, url, *, stream=False, **kwargs):
+        """POST with the worker's pooled session; transport failures become UpstreamFailure."""
+        try:
+            return self.http.post(url, stream=stream, timeout=self.timeout, **kwargs)
+        except requests.ConnectTimeout as err:
+            raise UpstreamFailure("connect", f"could not connect to upstream: {err}") from None
+        except requests.Timeout:
+            raise UpstreamFailure("timeout", "upstream did not answer in time") from None
+        except requests.RequestException as err:
+            raise UpstreamFailure("connect", f"could not reach upstream: {type(err).__name__}") \
+                from None
+
     def url(self, path, version="v1"):
         """base_url + /<version>/path, accepting a base URL that already ends in /<version>."""
         base = self.target.base_url.rstrip("/")
@@ -159,14 +173,14 @@ class Adaptor:
         return f"{base}/{version}/{path.lstrip('/')}"
 
 
-def sse_events(response, chunk_size=None) -> Iterator[bytes]:
-    """Split an upstream SSE byte stream into whole events (without the blank line).
+def split_sse(pieces) -> Iterator[bytes]:
+    """Whole SSE events (bytes, without the blank line) from an iterator of byte pieces.
 
     Yields each event as soon as its terminating blank line arrives, so nothing
     is held back longer than it takes to see the event end.
     """
     buffer = b""
-    for piece in response.iter_content(chunk_size=chunk_size):
+    for piece in pieces:
         if not piece:
             continue
         buffer += piece.replace(b"\r\n", b"\n")
@@ -179,6 +193,11 @@ def sse_events(response, chunk_size=None) -> Iterator[bytes]:
                 yield event
     if buffer.strip():
         yield buffer
+
+
+def sse_events(response, chunk_size=None) -> Iterator[bytes]:
+    """Whole SSE events from an upstream `requests` response, as they arrive."""
+    return split_sse(response.iter_content(chunk_size=chunk_size))
 
 
 def sse_data(event: bytes):

@@ -63,17 +63,8 @@ class OpenAIAdaptor(Adaptor):
 
     def post(self, path, *, data=None, files=None, stream=False, content_type="application/json"):
         """POST to the upstream; UpstreamFailure for anything but a 2xx answer."""
-        try:
-            response = self.http.post(self.url(path), data=data, files=files, stream=stream,
-                                      headers=self._headers(None if files else content_type),
-                                      timeout=self.timeout)
-        except requests.ConnectTimeout as err:
-            raise UpstreamFailure("connect", f"could not connect to upstream: {err}") from None
-        except requests.Timeout:
-            raise UpstreamFailure("timeout", "upstream did not answer in time") from None
-        except requests.RequestException as err:
-            raise UpstreamFailure("connect", f"could not reach upstream: {type(err).__name__}") \
-                from None
+        response = self.http_post(self.url(path), data=data, files=files, stream=stream,
+                                  headers=self._headers(None if files else content_type))
         if response.status_code >= 400:
             raise upstream_error(response)
         return response
