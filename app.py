@@ -30,9 +30,9 @@ def create_app(test_config=None):
     login_manager.login_view = "auth.login"
 
     @login_manager.user_loader
-    def load_user(user_id):
+    def load_user(session_token):
         from models import User
-        user = db.session.get(User, int(user_id))
+        user = db.session.scalar(db.select(User).filter_by(session_token=session_token))
         return user if user is not None and not user.disabled else None
     csrf.init_app(app)
     limiter.init_app(app)

@@ -43,6 +43,8 @@ def load_config(instance_path, env=None):
         "UPSTREAM_TIMEOUT": _int(env, "TOKENOPEN_UPSTREAM_TIMEOUT", 600),
         "UPSTREAM_CONNECT_TIMEOUT": _int(env, "TOKENOPEN_UPSTREAM_CONNECT_TIMEOUT", 5),
         "MAX_BODY_BYTES": _int(env, "TOKENOPEN_MAX_BODY_BYTES", 32 * 1024 * 1024),
+        # Werkzeug stops reading past this too, even for bodies sent without Content-Length.
+        "MAX_CONTENT_LENGTH": _int(env, "TOKENOPEN_MAX_BODY_BYTES", 32 * 1024 * 1024),
         "DEFAULT_OUTPUT_CAP": _int(env, "TOKENOPEN_DEFAULT_OUTPUT_CAP", 4096),
         # Seconds a worker may serve a key/channel/price from its own cache.
         "CACHE_TTL": _int(env, "TOKENOPEN_CACHE_TTL", 2),

@@ -53,6 +53,10 @@ class User(UserMixin, db.Model):
     # Credits held by in-flight requests; equals the sum of open reservations.
     reserved_micro: Mapped[int] = mapped_column(BigInteger, default=0)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # What the session cookie names instead of the id; a new password rotates it, which
+    # signs out every other session and "remember me" cookie of this user.
+    session_token: Mapped[str] = mapped_column(String(32), unique=True,
+                                               default=lambda: secrets.token_hex(16))
 
     group: Mapped[Group] = relationship(lazy="joined")
 
@@ -60,12 +64,17 @@ class User(UserMixin, db.Model):
     def is_active(self):
         return not self.disabled
 
+    def get_id(self):
+        return self.session_token
+
     @property
     def available_micro(self):
         return self.balance_micro - self.reserved_micro
 
     def set_password(self, password):
-        self.password_hash = generate_password_hash(password)  # scrypt
+        """Hash with scrypt and sign out the user's other sessions."""
+        self.password_hash = generate_password_hash(password)
+        self.session_token = secrets.token_hex(16)
 
     def check_password(self, password):
         return check_password_hash(self.password_hash, password)

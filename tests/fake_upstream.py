@@ -12,6 +12,7 @@ alias such as `gpt-4o-mini=fault-500` makes one channel fail while another works
   fault-malformed  a body / event that is not JSON
   fault-nousage    a normal answer without any usage
   fault-long       streams 40 events, one every 0.1 s (for client disconnects)
+  fault-stall      streams 3 events, then goes quiet for 4 s (past the gateway's read timeout)
 Usage is deterministic: prompt_tokens = 3 + words in the request's text,
 completion_tokens = words answered; `fake_cached: N` in the body reports N cached tokens.
 
@@ -105,6 +106,8 @@ def stream_events(path, events, model):
         for index, event in enumerate(events):
             if model == "fault-break" and index == 3:
                 raise ConnectionAbortedError("fake upstream drops the stream")
+            if model == "fault-stall" and index == 3:
+                time.sleep(4)
             if delay and index:
                 time.sleep(delay)
             yield event

@@ -276,8 +276,12 @@ class LiveGateway:
 
 def login_session(client, user_id):
     """Log `client` in as `user_id` by writing Flask-Login's session keys (unit tests only)."""
+    from extensions import db
+    from models import User
+    with client.application.app_context():
+        token = db.session.get(User, user_id).session_token
     with client.session_transaction() as session:
-        session["_user_id"] = str(user_id)
+        session["_user_id"] = token
         session["_fresh"] = True
     return client
 

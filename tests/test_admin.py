@@ -12,7 +12,7 @@ import pytest
 from extensions import db
 from models import (ApiKey, Channel, ChannelModel, Group, LedgerEntry, ModelPrice,
                     RedemptionCode, RequestLog, Reservation, Setting, User, utcnow)
-from tests.support import free_port
+from tests.support import free_port, login_session
 
 UPSTREAM_KEY = "sk-upstream-very-secret-0123456789"
 ADMIN = "admin@example.com"
@@ -26,9 +26,7 @@ SNAPSHOT_MODELS = (User, Group, Channel, ChannelModel, ModelPrice, LedgerEntry, 
 
 def login(client, user_id):
     """Log `user_id` in the way Flask-Login reads its session."""
-    with client.session_transaction() as session:
-        session["_user_id"] = str(user_id)
-        session["_fresh"] = True
+    login_session(client, user_id)
 
 
 @pytest.fixture

@@ -277,10 +277,23 @@ def test_change_password(app, client, factory):
     resp = client.post("/account/password", data={
         "current": PASSWORD, "password": "new-password-1", "confirm": "new-password-1"},
         follow_redirects=True)
-    assert "Your password has been changed." in resp.get_data(as_text=True)
+    assert "Your password has been changed" in resp.get_data(as_text=True)
     client.post("/logout")
     assert "Wrong email or password." in login(client).get_data(as_text=True)
     assert login(client, password="new-password-1").status_code == 302
+
+
+def test_a_new_password_signs_out_every_other_session(app, client, factory):
+    factory.user("member@example.com")
+    other = app.test_client()
+    login(client)
+    login(other)
+    assert other.get("/keys").status_code == 200
+    client.post("/account/password", data={
+        "current": PASSWORD, "password": "new-password-1", "confirm": "new-password-1"})
+    assert client.get("/keys").status_code == 200  # the session that changed it carries on
+    resp = other.get("/keys")
+    assert resp.status_code == 302 and resp.headers["Location"].startswith("/login")
 
 
 def test_change_password_needs_login(client):

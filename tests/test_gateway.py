@@ -524,6 +524,20 @@ def test_upstream_break_mid_stream_ends_with_an_error_event(gateway):
         list(chat(client_for(gateway, key), stream=True))
 
 
+def test_upstream_going_quiet_mid_stream_is_logged_as_timeout(live):
+    key = live.member(credits=10, models="gpt-4o-mini=fault-stall", price=False)
+    live.price("gpt-4o-mini")
+    response = requests.post(live.base_url + "/chat/completions", stream=True, timeout=20,
+                             headers={"Authorization": f"Bearer {key}"},
+                             json={"model": "gpt-4o-mini", "stream": True,
+                                   "messages": [{"role": "user", "content": "hi"}]})
+    events = [line for line in response.iter_lines() if line.startswith(b"data:")]
+    assert json.loads(events[-1][5:])["error"]["code"] == "stream_interrupted"
+    [row] = live.wait_logs(1)
+    assert row["status"] == "Timeout" and "quiet" in row["error"]
+    assert row["completion_tokens"] == 2 and row["billing"] == "estimated"
+
+
 def test_missing_usage_is_counted_locally_and_marked_estimated(live):
     key = live.member(credits=10, models="gpt-4o-mini=fault-nousage", price=False)
     live.price("gpt-4o-mini")

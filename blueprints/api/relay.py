@@ -93,6 +93,9 @@ def relay(endpoint):
         finish(flight, None, status=_status_for(err.status), http_status=err.status,
                error=err.message)
         raise
+    except Exception:
+        finish(flight, None, status="Failed", http_status=500, error="internal gateway error")
+        raise  # the app's error handler answers a 500 in the route's shape
     flight.route = route
     if reply.is_stream:
         return deliver_stream(flight, reply, first_chunk)
@@ -336,13 +339,17 @@ def deliver_stream(flight, reply, first_chunk):
             for chunk in reply.chunks():
                 yield chunk
         except StreamBroken as err:
-            outcome.update(status="Timeout" if getattr(err, "timeout", False) else "Failed",
-                           error=str(err))
+            outcome.update(status="Timeout" if err.timeout else "Failed", error=str(err))
             yield stream_error_event(f"The upstream stream broke: {err}", anthropic)
         except GeneratorExit:
             outcome.update(status="Failed", http_status=499,
                            error="client closed the connection")
             raise
+        except Exception:  # a bug must still end the stream cleanly, billed and logged
+            current_app.logger.exception("stream %s failed", flight.request_id)
+            outcome.update(status="Failed", error="internal gateway error")
+            yield stream_error_event("The gateway failed while streaming.", anthropic,
+                                     code="internal_error")
         finally:
             reply.close()
             finish(flight, reply, **outcome)

@@ -122,6 +122,7 @@ def change_password():
         else:
             current_user.set_password(form.password.data)
             db.session.commit()
-            flash("Your password has been changed.", "ok")
+            login_user(current_user)  # this session carries on; every other one is signed out
+            flash("Your password has been changed; other sessions are signed out.", "ok")
             return redirect(url_for("auth.change_password"))
     return render_template("auth/password.html", form=form)

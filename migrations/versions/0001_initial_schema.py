@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-25 17:51:38.371321
+Create Date: 2026-11-25 18:18:00.254449
 
 """
 from alembic import op
@@ -102,9 +102,11 @@ def upgrade():
     sa.Column('balance_micro', sa.BigInteger(), nullable=False),
     sa.Column('reserved_micro', sa.BigInteger(), nullable=False),
     sa.Column('created_at', sa.DateTime(), nullable=False),
+    sa.Column('session_token', sa.String(length=32), nullable=False),
     sa.ForeignKeyConstraint(['group_id'], ['groups.id'], ),
     sa.PrimaryKeyConstraint('id'),
-    sa.UniqueConstraint('email')
+    sa.UniqueConstraint('email'),
+    sa.UniqueConstraint('session_token')
     )
     op.create_table('api_keys',
     sa.Column('id', sa.Integer(), nullable=False),

@@ -12,7 +12,7 @@ from blueprints.api.providers.anthropic_convert import (
     openai_to_anthropic_request,
 )
 from blueprints.api.providers.base import (
-    Adaptor, Reply, StreamBroken, UpstreamFailure, sse_data, sse_events,
+    Adaptor, Reply, StreamBroken, UpstreamFailure, broken_stream, sse_data, sse_events,
 )
 from blueprints.api.providers.openai import upstream_error
 
@@ -66,7 +66,7 @@ def first_then_rest(events):
         try:
             yield from events
         except (requests.RequestException, OSError) as err:
-            raise StreamBroken(f"upstream connection broke: {type(err).__name__}") from None
+            raise broken_stream(err) from None
     return first, chained()
 
 

@@ -99,6 +99,17 @@ class UpstreamFailure(Exception):
 class StreamBroken(Exception):
     """The upstream stream ended abnormally after bytes went to the client."""
 
+    def __init__(self, message, timeout=False):
+        super().__init__(message)
+        self.timeout = timeout  # the upstream went quiet longer than the read timeout
+
+
+def broken_stream(err):
+    """StreamBroken for a transport error raised while reading an upstream stream."""
+    timed_out = isinstance(err, requests.Timeout) or "ReadTimeout" in repr(err)
+    reason = "went quiet for too long" if timed_out else f"broke: {type(err).__name__}"
+    return StreamBroken(f"upstream connection {reason}", timeout=timed_out)
+
 
 class Reply:
     """What an adaptor returns: a whole body or a stream, in the client's wire format."""

@@ -9,7 +9,7 @@ import json
 import requests
 
 from blueprints.api.providers.base import (
-    Adaptor, Reply, StreamBroken, UpstreamFailure, Usage, sse_data, sse_events,
+    Adaptor, Reply, StreamBroken, UpstreamFailure, Usage, broken_stream, sse_data, sse_events,
 )
 
 AUDIO_CHUNK = 16 * 1024
@@ -145,7 +145,7 @@ class OpenAIAdaptor(Adaptor):
                 reply.output_text.extend(delta_texts(chunk))
                 yield event + b"\n\n"
         except (requests.RequestException, OSError) as err:
-            raise StreamBroken(f"upstream connection broke: {type(err).__name__}") from None
+            raise broken_stream(err) from None
         if not done:
             raise StreamBroken("upstream closed the stream before it finished")
 
@@ -180,7 +180,7 @@ class OpenAIAdaptor(Adaptor):
                         raise StreamBroken(payload.get("message") or "upstream stream error")
                 yield event + b"\n\n"
         except (requests.RequestException, OSError) as err:
-            raise StreamBroken(f"upstream connection broke: {type(err).__name__}") from None
+            raise broken_stream(err) from None
         if not finished:
             raise StreamBroken("upstream closed the stream before it finished")
 
@@ -202,7 +202,7 @@ class OpenAIAdaptor(Adaptor):
             try:
                 yield from response.iter_content(AUDIO_CHUNK)
             except (requests.RequestException, OSError) as err:
-                raise StreamBroken(f"upstream connection broke: {type(err).__name__}") from None
+                raise broken_stream(err) from None
         reply._chunks = audio()
         return reply
 
