@@ -144,6 +144,22 @@ def _credits(micro):
     return format_credits(micro)
 
 
+# Built once: constructing these per request costs more than running them.
+_RESERVE_USER = (
+    update(USERS).where(USERS.c.id == bindparam("uid"),
+                        USERS.c.balance_micro - USERS.c.reserved_micro >= bindparam("amount"))
+    .values(reserved_micro=USERS.c.reserved_micro + bindparam("amount")))
+_RESERVE_KEY = (
+    update(KEYS).where(KEYS.c.id == bindparam("kid"), or_(
+        KEYS.c.credit_limit_micro.is_(None),
+        KEYS.c.spent_micro + KEYS.c.reserved_micro + bindparam("amount")
+        <= KEYS.c.credit_limit_micro))
+    .values(reserved_micro=KEYS.c.reserved_micro + bindparam("amount")))
+_INSERT_RESERVATION = insert(RESERVATIONS).values(
+    {name: bindparam(name) for name in
+     ("request_id", "user_id", "key_id", "amount_micro", "created_at")})
+
+
 def reserve_credits(user_id, key_id, request_id, amount_micro):
     """One atomic conditional UPDATE on the user (available = balance - reserved >= amount)
     and one on the key (spent + reserved + amount <= credit_limit when it has a limit), plus a
@@ -155,26 +171,18 @@ def reserve_credits(user_id, key_id, request_id, amount_micro):
     if amount == 0:
         return Hold(request_id, user_id, key_id, 0, None)
     try:
-        took = db.session.execute(
-            update(USERS).where(USERS.c.id == user_id,
-                                USERS.c.balance_micro - USERS.c.reserved_micro >= amount)
-            .values(reserved_micro=USERS.c.reserved_micro + amount))
+        took = db.session.execute(_RESERVE_USER, {"uid": user_id, "amount": amount})
         if took.rowcount != 1:
             db.session.rollback()
             raise _insufficient(user_id, amount)
         if key_id is not None:
-            took = db.session.execute(
-                update(KEYS).where(KEYS.c.id == key_id, or_(
-                    KEYS.c.credit_limit_micro.is_(None),
-                    KEYS.c.spent_micro + KEYS.c.reserved_micro + amount
-                    <= KEYS.c.credit_limit_micro))
-                .values(reserved_micro=KEYS.c.reserved_micro + amount))
+            took = db.session.execute(_RESERVE_KEY, {"kid": key_id, "amount": amount})
             if took.rowcount != 1:
                 db.session.rollback()
                 raise _key_limit(key_id, amount)
-        inserted = db.session.execute(insert(RESERVATIONS).values(
-            request_id=request_id, user_id=user_id, key_id=key_id, amount_micro=amount,
-            created_at=utcnow()))
+        inserted = db.session.execute(_INSERT_RESERVATION, {
+            "request_id": request_id, "user_id": user_id, "key_id": key_id,
+            "amount_micro": amount, "created_at": utcnow()})
         reservation_id = inserted.inserted_primary_key[0]
         db.session.commit()
     except BaseException:

@@ -1,34 +1,57 @@
-"""Writing the one RequestLog row per request and the daily usage rollup beside it."""
+"""Writing the one RequestLog row per request and the daily usage rollup beside it.
+
+Both statements are built once and reused: on the hot path, building a SQLAlchemy
+statement costs more than SQLite takes to run it.
+"""
+from sqlalchemy import bindparam, insert
 from sqlalchemy.dialects import postgresql, sqlite
 
 from extensions import db
 from models import RequestLog, UsageDaily, utcnow
 
+LOG_COLUMNS = tuple(c.name for c in RequestLog.__table__.columns if c.name != "id")
+LOG_DEFAULTS = {"key_id": None, "key_name": None, "model": None, "channel_id": None,
+                "channel_name": None, "user_id": None, "is_stream": False, "prompt_tokens": 0,
+                "completion_tokens": 0, "cached_tokens": 0, "credits_micro": 0,
+                "latency_ms": 0, "ttft_ms": None, "estimated": False, "billing": "void",
+                "error": None, "client_ip": None}
+ROLLUP_KEYS = ("day", "user_id", "key_id", "model")
 ROLLUP_SUMS = ("requests", "failed", "prompt_tokens", "completion_tokens", "credits_micro")
+
+_INSERT_LOG = insert(RequestLog.__table__).values({name: bindparam(name) for name in LOG_COLUMNS})
+_rollup_upserts = {}  # dialect name -> prebuilt upsert
 
 
 def add_request_log(**fields):
-    """Add the log row and bump its UsageDaily rollup, in the caller's transaction."""
-    fields.setdefault("created_at", utcnow())
-    log = RequestLog(**fields)
-    db.session.add(log)
-    if log.user_id is not None:
-        _bump_rollup(log)
-    return log
+    """Insert the log row and bump its UsageDaily rollup, in the caller's transaction."""
+    row = dict(LOG_DEFAULTS, created_at=utcnow())
+    row.update(fields)
+    db.session.execute(_INSERT_LOG, row)
+    if row["user_id"] is not None:
+        _bump_rollup(row)
 
 
-def _bump_rollup(log):
-    day = log.created_at.strftime("%Y-%m-%d")
-    values = dict(day=day, user_id=log.user_id, key_id=log.key_id or 0,
-                  key_name=log.key_name or "", model=log.model or "", requests=1,
-                  failed=0 if log.status == "Success" else 1,
-                  prompt_tokens=log.prompt_tokens, completion_tokens=log.completion_tokens,
-                  credits_micro=log.credits_micro)
-    dialect = db.session.get_bind().dialect.name
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    statement = insert(UsageDaily).values(**values)
-    statement = statement.on_conflict_do_update(
-        index_elements=["day", "user_id", "key_id", "model"],
-        set_={name: getattr(UsageDaily, name) + getattr(statement.excluded, name)
-              for name in ROLLUP_SUMS})
-    db.session.execute(statement)
+def _rollup_upsert(dialect):
+    """INSERT ... ON CONFLICT (day, user, key, model) DO UPDATE SET sums += new values."""
+    statement = _rollup_upserts.get(dialect)
+    if statement is None:
+        insert_for = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        columns = UsageDaily.__table__.c
+        statement = insert_for(UsageDaily).values(
+            {name: bindparam(name) for name in ROLLUP_KEYS + ROLLUP_SUMS + ("key_name",)})
+        statement = statement.on_conflict_do_update(
+            index_elements=list(ROLLUP_KEYS),
+            set_={name: columns[name] + statement.excluded[name] for name in ROLLUP_SUMS})
+        _rollup_upserts[dialect] = statement
+    return statement
+
+
+def _bump_rollup(row):
+    values = dict(day=row["created_at"].strftime("%Y-%m-%d"), user_id=row["user_id"],
+                  key_id=row["key_id"] or 0, key_name=row["key_name"] or "",
+                  model=row["model"] or "", requests=1,
+                  failed=0 if row["status"] == "Success" else 1,
+                  prompt_tokens=row["prompt_tokens"],
+                  completion_tokens=row["completion_tokens"],
+                  credits_micro=row["credits_micro"])
+    db.session.execute(_rollup_upsert(db.session.get_bind().dialect.name), values)
