@@ -19,7 +19,12 @@ completion_tokens = words answered; `fake_cached: N` in the body reports N cache
 Control endpoints: GET /_health, GET /_events?since=N (what it saw: requests with
 their Authorization header, and `closed` when a client went away mid-stream), POST /_reset.
 """
-import argparse
+if __name__ == "__main__":
+    from gevent import monkey  # served by gevent's WSGI server: keep-alive, like real providers
+
+    monkey.patch_all()
+
+import argparse  # noqa: E402
 import json
 import os
 import sys
@@ -354,9 +359,13 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args()
-    import logging
+    import socket
 
-    from werkzeug.serving import WSGIRequestHandler
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    WSGIRequestHandler.protocol_version = "HTTP/1.1"  # keep-alive, as real providers do
-    app.run(host="127.0.0.1", port=args.port, threaded=True)
+    from gevent.pywsgi import WSGIServer
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # Without TCP_NODELAY, keep-alive replies stall ~40 ms on Nagle + delayed ACK.
+    listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    listener.bind(("127.0.0.1", args.port))
+    listener.listen(1024)
+    WSGIServer(listener, app, log=None).serve_forever()
