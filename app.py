@@ -1,7 +1,8 @@
 """The application factory: config, extensions, blueprints, error handlers, CLI."""
 import os
 
-from flask import Flask, jsonify
+from flask import Flask, jsonify, request
+from flask.sessions import SecureCookieSessionInterface
 from sqlalchemy import event, text
 from sqlalchemy.engine import Engine
 from werkzeug.middleware.proxy_fix import ProxyFix
@@ -24,6 +25,7 @@ def create_app(test_config=None):
     if proxies:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=proxies, x_proto=proxies, x_host=proxies)
 
+    app.session_interface = SessionCookies()
     db.init_app(app)
     migrate.init_app(app, db, directory=os.path.join(app.root_path, "migrations"))
     login_manager.init_app(app)
@@ -66,6 +68,16 @@ def create_app(test_config=None):
         return jsonify(status="ok")
 
     return app
+
+
+class SessionCookies(SecureCookieSessionInterface):
+    """Session cookies are Secure when the public URL is https or the request came over https,
+    directly or through a proxy's X-Forwarded-Proto, so plain-http localhost logins still work.
+    (Believing the header is safe here: a client that lies only hardens its own cookie.)"""
+
+    def get_cookie_secure(self, app):
+        return bool(app.config["SESSION_COOKIE_SECURE"]) or request.is_secure or \
+            request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip() == "https"
 
 
 @event.listens_for(Engine, "connect")

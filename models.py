@@ -5,7 +5,7 @@ from datetime import datetime, timezone
 
 from flask_login import UserMixin
 from sqlalchemy import BigInteger, ForeignKey, Index, String, Text, UniqueConstraint
-from sqlalchemy.orm import Mapped, mapped_column, relationship
+from sqlalchemy.orm import Mapped, mapped_column, object_session, relationship
 from werkzeug.security import check_password_hash, generate_password_hash
 
 from extensions import db
@@ -161,6 +161,11 @@ class Channel(db.Model):
 
     def set_models(self, spec):
         """Replace the served models from a 'a,b,pub=upstream' spec."""
+        session = object_session(self)
+        if session is not None and self.model_rows:
+            # Delete the old rows first: a kept public name would clash on insert.
+            self.model_rows = []
+            session.flush()
         rows = []
         for item in split_list(spec):
             public, _, upstream = item.partition("=")

@@ -122,8 +122,6 @@ def register(app):
             channel.api_key = api_key.strip()
         if models is not None:
             parse_models_spec(models)
-            channel.model_rows = []
-            db.session.flush()  # delete the old rows first: a kept name would clash on insert
             channel.set_models(models)
         if priority is not None:
             channel.priority = priority

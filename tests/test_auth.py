@@ -381,3 +381,22 @@ def test_shell_has_navigation_and_no_external_assets(app, client, factory):
     css = client.get("/static/style.css").get_data(as_text=True)
     assert "@import" not in css and "url(http" not in css
     assert client.get("/static/app.js").status_code == 200
+
+
+# --- session cookies ------------------------------------------------------------------------
+
+def _session_cookie(response):
+    return next(h for h in response.headers.getlist("Set-Cookie") if h.startswith("session="))
+
+
+def test_session_cookie_is_secure_only_over_https(app, client, factory):
+    factory.user("member@example.com")
+    plain = login(client)
+    assert "Secure" not in _session_cookie(plain) and "HttpOnly" in _session_cookie(plain)
+    proxied = app.test_client().post("/login", data={
+        "email": "member@example.com", "password": PASSWORD},
+        headers={"X-Forwarded-Proto": "https"})
+    assert "Secure" in _session_cookie(proxied)
+    direct = app.test_client().post("/login", base_url="https://gateway.example", data={
+        "email": "member@example.com", "password": PASSWORD})
+    assert "Secure" in _session_cookie(direct)

@@ -350,6 +350,27 @@ def test_rate_limits_per_user_and_per_key(gateway):
         chat(client_for(gateway, limited))
 
 
+def test_group_tokens_per_minute(gateway):
+    from extensions import db
+    from models import Group
+
+    def make_group():
+        db.session.add(Group(name="tpm", models="*", rpm=0, tpm=20))
+        db.session.commit()
+    gateway.run(make_group)
+    gateway.user("tpm@example.com", credits=10, group="tpm")
+    gateway.channel()
+    gateway.price("gpt-4o-mini")
+    client = client_for(gateway, gateway.key("tpm@example.com"))
+    chat(client)  # 6 + 9 = 15 tokens: 5 left in this minute's budget
+    chat(client)  # still budget left when it starts; it overshoots to 30
+    with pytest.raises(openai.RateLimitError) as caught:
+        chat(client)
+    assert "tokens per minute" in caught.value.message
+    assert int(caught.value.response.headers["Retry-After"]) >= 1
+    assert len(upstream_requests(gateway)) == 2
+
+
 def test_flask_404_and_405_under_v1_are_openai_shaped(live):
     response = requests.get(live.base_url + "/no/such/thing", timeout=5)
     assert response.status_code == 404

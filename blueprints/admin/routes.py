@@ -93,9 +93,6 @@ def _save_channel(form, channel):
     spec = ",".join(public if public == upstream else f"{public}={upstream}"
                     for public, upstream in parse_models_spec(form.models.data))
     if spec != channel.models_spec:
-        # Flush the removals first: a kept public name would collide with its own old row.
-        channel.model_rows = []
-        db.session.flush()
         channel.set_models(spec)
 
 

@@ -15,7 +15,7 @@ from sqlalchemy import update
 from blueprints.api import billing
 from blueprints.api.cache import TTLCache
 from blueprints.api.errors import ApiError, stream_error_event, uses_anthropic_shape
-from blueprints.api.limits import admit
+from blueprints.api.limits import admit, count_tokens
 from blueprints.api.providers import build_adaptor
 from blueprints.api.providers.base import Call, StreamBroken, UpstreamFailure, Usage
 from blueprints.api.request_log import add_request_log
@@ -50,9 +50,11 @@ class KeyInfo:
     models: tuple
     networks: tuple
     rpm: int
+    tpm: int
     user_disabled: bool
     group_models: str
     group_rpm: int
+    group_tpm: int
     multiplier_ppm: int
 
     def may_use(self, model):
@@ -86,7 +88,8 @@ def relay(endpoint):
         flight.call = parse_call(endpoint, flight.request_id)
         authorize(flight.key, flight.call.model)
         flight.price = price_of(flight.call.model)
-        admit(flight.key.user_id, flight.key.group_rpm, flight.key.id, flight.key.rpm)
+        key = flight.key
+        admit(key.user_id, key.group_rpm, key.group_tpm, key.id, key.rpm, key.tpm)
         flight.hold = reserve(flight)
         route, reply, first_chunk = forward(flight)
     except ApiError as err:
@@ -144,8 +147,9 @@ def _load_key(key_hash):
             current_app.logger.warning("key %s has a bad IP range %r", row.id, cidr)
     return KeyInfo(id=row.id, hash=key_hash, name=row.name, user_id=user.id, disabled=row.disabled,
                    expires_at=row.expires_at, models=tuple(row.model_list),
-                   networks=tuple(networks), rpm=row.rpm or 0, user_disabled=user.disabled,
-                   group_models=group.models, group_rpm=group.rpm or 0,
+                   networks=tuple(networks), rpm=row.rpm or 0, tpm=row.tpm or 0,
+                   user_disabled=user.disabled, group_models=group.models,
+                   group_rpm=group.rpm or 0, group_tpm=group.tpm or 0,
                    multiplier_ppm=group.multiplier_ppm)
 
 
@@ -393,6 +397,9 @@ def finish(flight, reply, status, http_status, error=None):
             http_status=http_status, latency_ms=_elapsed_ms(flight), ttft_ms=flight.ttft_ms,
             estimated=estimated, billing=state, error=error, client_ip=request.remote_addr)
         db.session.commit()
+        if key is not None and (key.group_tpm or key.tpm):
+            count_tokens(key.user_id, key.group_tpm, key.id, key.tpm,
+                         usage.prompt_tokens + usage.completion_tokens)
     except Exception:  # noqa: BLE001 - the response is already out; the sweeper frees the hold
         db.session.rollback()
         current_app.logger.exception("could not settle/log request %s", flight.request_id)
