@@ -1,4 +1,5 @@
-"""The relay pipeline: authenticate → parse → authorize → admit → reserve → forward → settle → log.
+"""The relay pipeline: authenticate → parse → authorize → price → admit → reserve → forward →
+settle → log.
 
 Each step is one function below; `relay(endpoint)` runs them in order. Streams
 are generators whose `finally` settles and logs, so a client that hangs up or
@@ -7,7 +8,7 @@ an upstream that breaks still ends in exactly one honest log row and charge.
 import ipaddress
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from flask import Response, current_app, g, request, stream_with_context
 from sqlalchemy import update
@@ -75,7 +76,6 @@ class Flight:
     hold: object = None
     route: object = None
     ttft_ms: int | None = None
-    attempts: list = field(default_factory=list)
 
 
 # --- the pipeline ------------------------------------------------------------------------
@@ -278,7 +278,6 @@ def forward(flight):
             failures.append(UpstreamFailure("bad_response", str(err)))
             continue
         flight.ttft_ms = _elapsed_ms(flight)
-        flight.attempts = failures
         note_success(route)
         return route, reply, first_chunk
     raise _no_channel_answered(flight.call.model, failures)
@@ -366,43 +365,55 @@ def deliver_stream(flight, reply, first_chunk):
 
 
 def finish(flight, reply, status, http_status, error=None):
-    """Settle the credits and write the log row, in one transaction. Never raises."""
+    """Settle the credits, write the log row and count tokens. Never raises: the response
+    is already out, and a hold left behind by a failure here is released by the sweeper."""
     try:
         usage, estimated = _metered_usage(flight, reply)
-        if flight.hold is not None and (reply is None or not (usage.prompt_tokens or
-                                                              usage.completion_tokens)):
-            billing.release_credits(flight.hold)  # nothing was generated: void
-            charged, state = 0, "void"
-        elif flight.hold is not None:
-            cost = billing.cost_micro(flight.price, usage.prompt_tokens, usage.completion_tokens,
-                                      usage.cached_tokens, flight.key.multiplier_ppm)
-            charged = billing.settle_credits(flight.hold, cost, note=flight.call.model)
-            state = "estimated" if estimated else "billed"
-        else:
-            charged, state = 0, "void"
-        key, call, route = flight.key, flight.call, flight.route
-        if key is not None and _last_used_is_stale(key.hash):
-            # Lock order on every path: users -> api_keys -> usage_daily (no deadlocks on PG).
-            db.session.execute(update(ApiKey).where(ApiKey.id == key.id)
-                               .values(last_used_at=utcnow()))
-        add_request_log(
-            request_id=flight.request_id, user_id=key.user_id if key else None,
-            key_id=key.id if key else None, key_name=key.name if key else None,
-            model=call.model if call else None,
-            channel_id=route.target.channel_id if route else None,
-            channel_name=route.target.channel_name if route else None,
-            endpoint=flight.endpoint, is_stream=bool(call and call.stream),
-            prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
-            cached_tokens=usage.cached_tokens, credits_micro=charged, status=status,
-            http_status=http_status, latency_ms=_elapsed_ms(flight), ttft_ms=flight.ttft_ms,
-            estimated=estimated, billing=state, error=error, client_ip=request.remote_addr)
+        charged, state = settle(flight, reply, usage, estimated)
+        write_log(flight, usage, charged, state, estimated, status, http_status, error)
         db.session.commit()
+        key = flight.key
         if key is not None and (key.group_tpm or key.tpm):
             count_tokens(key.user_id, key.group_tpm, key.id, key.tpm,
                          usage.prompt_tokens + usage.completion_tokens)
-    except Exception:  # noqa: BLE001 - the response is already out; the sweeper frees the hold
+    except Exception:  # noqa: BLE001
         db.session.rollback()
         current_app.logger.exception("could not settle/log request %s", flight.request_id)
+
+
+def settle(flight, reply, usage, estimated):
+    """(charged micro-credits, billing state). Every request ends billed, estimated or void:
+    void when nothing was generated (the hold goes back whole), else charged for the usage
+    in the caller's transaction, so the charge and its log row commit together."""
+    if flight.hold is None:
+        return 0, "void"
+    if reply is None or not (usage.prompt_tokens or usage.completion_tokens):
+        billing.release_credits(flight.hold)
+        return 0, "void"
+    cost = billing.cost_micro(flight.price, usage.prompt_tokens, usage.completion_tokens,
+                              usage.cached_tokens, flight.key.multiplier_ppm)
+    charged = billing.settle_credits(flight.hold, cost, note=flight.call.model)
+    return charged, "estimated" if estimated else "billed"
+
+
+def write_log(flight, usage, charged, state, estimated, status, http_status, error):
+    """The request's one RequestLog row (and its rollup), in the caller's transaction."""
+    key, call, route = flight.key, flight.call, flight.route
+    if key is not None and _last_used_is_stale(key.hash):
+        # Lock order on every path: users -> api_keys -> usage_daily (no deadlocks on PG).
+        db.session.execute(update(ApiKey).where(ApiKey.id == key.id)
+                           .values(last_used_at=utcnow()))
+    add_request_log(
+        request_id=flight.request_id, user_id=key.user_id if key else None,
+        key_id=key.id if key else None, key_name=key.name if key else None,
+        model=call.model if call else None,
+        channel_id=route.target.channel_id if route else None,
+        channel_name=route.target.channel_name if route else None,
+        endpoint=flight.endpoint, is_stream=bool(call and call.stream),
+        prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+        cached_tokens=usage.cached_tokens, credits_micro=charged, status=status,
+        http_status=http_status, latency_ms=_elapsed_ms(flight), ttft_ms=flight.ttft_ms,
+        estimated=estimated, billing=state, error=error, client_ip=request.remote_addr)
 
 
 def _last_used_is_stale(key_hash):
