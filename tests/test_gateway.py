@@ -322,6 +322,19 @@ def test_insufficient_credits_402(gateway):
     assert upstream_requests(gateway) == []
 
 
+def test_key_credit_limit_402(gateway):
+    # 100 credits in the wallet, but this key may spend at most 0.001 credits in total;
+    # the reservation (prompt + 4,096 default output tokens at 2 / 1M) is larger than that.
+    key = gateway.member(credits=100, credit_limit_micro=1_000)
+    with pytest.raises(openai.APIStatusError) as caught:
+        chat(client_for(gateway, key))
+    assert caught.value.status_code == 402 and caught.value.code == "key_credit_limit"
+    assert caught.value.body["type"] == "insufficient_quota"
+    # with max_tokens small enough the hold fits the limit, and the call goes through
+    assert chat(client_for(gateway, key), max_tokens=5).choices
+    assert len(upstream_requests(gateway)) == 1
+
+
 def test_rate_limits_per_user_and_per_key(gateway):
     from extensions import db
     from models import Group
