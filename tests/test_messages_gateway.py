@@ -297,3 +297,17 @@ def test_count_tokens_is_local_free_and_authenticated(live):
     assert caught.value.body["type"] == "error"
     with pytest.raises(anthropic.NotFoundError):
         client.messages.count_tokens(model="nope", messages=[{"role": "user", "content": "x"}])
+
+
+def test_anthropic_sdk_lists_models_in_its_own_shape(live):
+    key = setup_member(live)
+    client = anthropic_client(live, key)
+    models = client.models.list()
+    assert sorted(m.id for m in models.data) == sorted(MODELS)
+    assert all(m.type == "model" and m.display_name for m in models.data)
+    assert client.models.retrieve("claude-sonnet-4-6").id == "claude-sonnet-4-6"
+    with pytest.raises(anthropic.NotFoundError) as caught:
+        client.models.retrieve("no-such-model")
+    assert caught.value.body["type"] == "error"
+    # the openai SDK on the same route still gets OpenAI's list
+    assert {m.id for m in openai_client(live, key).models.list()} == set(MODELS)

@@ -30,8 +30,12 @@ class ApiError(Exception):
 
 
 def uses_anthropic_shape(path=None):
-    """The Anthropic Messages routes answer errors in Anthropic's shape."""
-    return (path if path is not None else request.path).startswith("/v1/messages")
+    """Anthropic's shape for the Messages routes, and for the model list when an Anthropic
+    SDK asks (it always sends `anthropic-version`)."""
+    path = path if path is not None else request.path
+    if path.startswith("/v1/messages"):
+        return True
+    return path.startswith("/v1/models") and "anthropic-version" in request.headers
 
 
 def openai_error_body(status, code, message, param=None, error_type=None):

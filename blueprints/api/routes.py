@@ -1,11 +1,12 @@
 """The /v1 gateway endpoints. Thin: each hands its endpoint name to the relay."""
 import time
 import uuid
+from datetime import datetime, timezone
 
 from flask import Blueprint, g, jsonify, request
 
 from blueprints.api import billing
-from blueprints.api.errors import ApiError
+from blueprints.api.errors import ApiError, uses_anthropic_shape
 from blueprints.api.relay import authenticate, count_message_tokens, relay
 from extensions import db
 from models import ApiKey, Channel, ChannelModel
@@ -81,6 +82,10 @@ def messages_count_tokens():
 # --- models -------------------------------------------------------------------------------
 
 def _model_object(name, created):
+    """A model as OpenAI lists it, or as Anthropic does for Anthropic SDK clients."""
+    if uses_anthropic_shape():
+        when = datetime.fromtimestamp(created, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return {"type": "model", "id": name, "display_name": name, "created_at": when}
     return {"id": name, "object": "model", "created": created, "owned_by": "tokenopen"}
 
 
@@ -99,6 +104,9 @@ def list_models():
     """Only the models this key may use."""
     key = authenticate()
     data = [_model_object(name, created) for name, created in _usable_models(key)]
+    if uses_anthropic_shape():
+        return jsonify(data=data, has_more=False, first_id=data[0]["id"] if data else None,
+                       last_id=data[-1]["id"] if data else None)
     return jsonify(object="list", data=data)
 
 
