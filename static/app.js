@@ -40,6 +40,13 @@
     });
   });
 
+  // A page that showed a secret from a POST swaps its history entry for a plain GET URL,
+  // so reloading it neither resubmits the form nor shows the secret again.
+  var replace = document.querySelector("[data-replace-url]");
+  if (replace && window.history && history.replaceState) {
+    history.replaceState(null, "", replace.getAttribute("data-replace-url"));
+  }
+
   document.addEventListener("submit", function (event) {
     var question = event.target.getAttribute("data-confirm");
     if (question && !window.confirm(question)) event.preventDefault();

@@ -77,7 +77,8 @@ def test_register_login_create_key_once_then_disable(live, browser_page):
     page.fill("#name", "browser key")
     page.fill("#credit_limit", "5")
     page.click("#create input[type=submit]")
-    page.wait_for_url(live.url + "/keys#new-key")
+    page.wait_for_selector("#new-key")
+    assert page.url == live.url + "/keys"  # the POST's entry became a plain GET of /keys
     full_key = page.locator("#new-key pre.code").inner_text().strip()
     assert re.fullmatch(r"sk-[A-Za-z0-9]{48}", full_key)
     [(key_hash, disabled, limit)] = live.run(_keys_of, EMAIL)
@@ -87,9 +88,10 @@ def test_register_login_create_key_once_then_disable(live, browser_page):
     assert page.evaluate("navigator.clipboard.readText()") == full_key
     shot(page, "4-key-created")
 
-    # Reload: only the display prefix remains.
+    # Reload: only the display prefix remains, and no second key was created.
     page.reload()
     assert page.locator("#new-key").count() == 0
+    assert len(live.run(_keys_of, EMAIL)) == 1
     assert full_key not in page.content()
     row = page.locator("#keys-table tbody tr")
     expect(row).to_have_count(1)

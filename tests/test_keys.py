@@ -55,9 +55,9 @@ def test_create_shows_full_key_once_then_only_its_prefix(app, client, factory):
     factory.user()
     login(client)
     resp = create_key(client)
-    assert resp.status_code == 302 and resp.headers["Location"] == "/keys#new-key"
+    assert resp.status_code == 201
 
-    page = client.get("/keys").get_data(as_text=True)
+    page = resp.get_data(as_text=True)
     shown = FULL_KEY.findall(page)
     assert len(set(shown)) == 1
     full_key = shown[0]
@@ -70,6 +70,12 @@ def test_create_shows_full_key_once_then_only_its_prefix(app, client, factory):
     assert full_key not in (key.prefix, key.last4) and full_key.startswith(key.prefix)
     assert key.display == f"{full_key[:7]}…{full_key[-4:]}"
 
+    # The key is in this one response only: not in any cookie, not on the next page view.
+    assert all(full_key not in header and full_key[3:] not in header
+               for header in resp.headers.getlist("Set-Cookie"))
+    with client.session_transaction() as session:
+        assert full_key not in str(dict(session))
+    assert 'data-replace-url="/keys"' in page  # a reload becomes a GET of /keys
     again = client.get("/keys").get_data(as_text=True)
     assert FULL_KEY.search(again) is None
     assert full_key not in again
@@ -179,5 +185,5 @@ def test_key_actions_need_csrf_token(app, client, factory):
     token = csrf_token(client.get("/keys").get_data(as_text=True))
     assert client.post(f"/keys/{key.id}/disable", data={"csrf_token": token}).status_code == 302
     assert get_key(app, key.id).disabled
-    assert create_key(client, name="real", csrf_token=token).status_code == 302
+    assert create_key(client, name="real", csrf_token=token).status_code == 201
     assert [k.name for k in keys_of(app)] == ["laptop", "real"]

@@ -1,5 +1,5 @@
 """Console pages: the member's API keys (list, create, disable, enable, delete)."""
-from flask import Blueprint, flash, redirect, render_template, session, url_for
+from flask import Blueprint, flash, redirect, render_template, url_for
 from flask_login import current_user, login_required
 
 from blueprints.keys.forms import CreateKeyForm
@@ -9,17 +9,12 @@ from models import ApiKey, utcnow
 
 bp = Blueprint("keys", __name__)
 
-NEW_KEY = "new_key"  # session slot holding a just-created key until the next page view
-
-
 def _own_keys():
     return db.session.scalars(db.select(ApiKey).filter_by(user_id=current_user.id)
                               .order_by(ApiKey.created_at.desc(), ApiKey.id.desc())).all()
 
 
-def _render(form, status=200):
-    # The full key lives in the session for exactly one page view, then it is gone.
-    new_key = session.pop(NEW_KEY, None)
+def _render(form, status=200, new_key=None):
     return render_template("keys/index.html", keys=_own_keys(), form=form, new_key=new_key,
                            now=utcnow()), status
 
@@ -34,15 +29,17 @@ def index():
 @bp.post("/keys")
 @login_required
 def create():
-    """Create a key; the next page shows the full key once (post/redirect/get)."""
+    """Create a key and show it once, in this response only: it is never stored anywhere,
+    not even in the session cookie. The page swaps its URL for /keys, so a reload is a GET
+    that shows only the prefix (and creates nothing)."""
     form = CreateKeyForm()
     if not form.validate_on_submit():
         return _render(form, 400)
     key, full_key = ApiKey.generate(current_user, form.name.data.strip(), **form.key_fields())
     db.session.add(key)
     db.session.commit()
-    session[NEW_KEY] = {"id": key.id, "name": key.name, "key": full_key}
-    return redirect(url_for("keys.index", _anchor="new-key"))
+    return _render(CreateKeyForm(formdata=None), 201,
+                   new_key={"id": key.id, "name": key.name, "key": full_key})
 
 
 def _set_disabled(key_id, disabled):
