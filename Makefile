@@ -38,13 +38,16 @@ run: setup
 test: test-deps browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# Regenerate the migration from models.py (before the first release there is one revision).
+# A new migration revision for a models.py change: `make migration MSG="add x to y"`.
+# It diffs models.py against a scratch database upgraded to the current head.
+MSG ?= schema change
 migration: deps
 	rm -rf /tmp/tokenopen-migration && mkdir -p /tmp/tokenopen-migration
-	rm -f migrations/versions/*.py
 	TOKENOPEN_DATABASE_URL=sqlite:////tmp/tokenopen-migration/m.db TOKENOPEN_SECRET_KEY=x \
-	  $(FLASK) db migrate -m "initial schema" --rev-id 0001
-	@echo "migration regenerated in migrations/versions/"
+	  $(FLASK) db upgrade
+	TOKENOPEN_DATABASE_URL=sqlite:////tmp/tokenopen-migration/m.db TOKENOPEN_SECRET_KEY=x \
+	  $(FLASK) db migrate -m "$(MSG)"
+	@echo "new revision in migrations/versions/: review it, then commit it"
 
 clean:
 	rm -rf $(VENV) instance .pytest_cache
