@@ -25,6 +25,7 @@ if __name__ == "__main__":
     monkey.patch_all()
 
 import argparse  # noqa: E402
+import functools
 import json
 import os
 import sys
@@ -33,7 +34,8 @@ import time
 
 from flask import Flask, Response, jsonify, request
 
-ANSWER = "This is a deterministic answer from the fake upstream".split(" ")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fake_common import ANSWER, answer_words, count_words  # noqa: E402
 
 app = Flask(__name__)
 _events = []
@@ -45,25 +47,14 @@ def record(kind, **fields):
         _events.append({"type": kind, "time": time.time(), **fields})
 
 
-def _words(value):
-    if isinstance(value, str):
-        return len(value.split())
-    if isinstance(value, list):
-        return sum(_words(v) for v in value)
-    if isinstance(value, dict):
-        return sum(_words(v) for k, v in value.items() if k in ("content", "text", "input"))
-    return 0
-
-
 def prompt_tokens(body):
     text = body.get("messages") or body.get("prompt") or body.get("input") or ""
-    return 3 + _words(text)
+    return 3 + count_words(text)
 
 
-def answer_words(body):
-    cap = body.get("max_tokens") or body.get("max_completion_tokens") or \
-        body.get("max_output_tokens")
-    return ANSWER[:cap] if isinstance(cap, int) and cap > 0 else ANSWER
+def body_answer(body):
+    return answer_words(body.get("max_tokens") or body.get("max_completion_tokens")
+                        or body.get("max_output_tokens"))
 
 
 def usage_for(body, completion):
@@ -98,6 +89,17 @@ def fault_response(model):
     if model == "fault-timeout":
         time.sleep(10)
     return None
+
+
+def with_faults(view):
+    """Answer a before-the-body fault (chosen by the model name) instead of calling `view`."""
+    @functools.wraps(view)
+    def wrapped(*args, **kwargs):
+        body = request.get_json(silent=True) or {}
+        model = body.get("model") or request.form.get("model", "")
+        early = fault_response(model)
+        return early if early is not None else view(*args, **kwargs)
+    return wrapped
 
 
 def sse(data):
@@ -157,13 +159,11 @@ def reset():
 
 
 @app.post("/v1/chat/completions")
+@with_faults
 def chat():
     body = request.get_json()
     model = body.get("model", "")
-    early = fault_response(model)
-    if early is not None:
-        return early
-    words = answer_words(body)
+    words = body_answer(body)
     created = int(time.time())
     base = {"id": "chatcmpl-fake", "created": created, "model": model}
     tools = body.get("tools")
@@ -218,13 +218,11 @@ def chat():
 
 
 @app.post("/v1/completions")
+@with_faults
 def completions():
     body = request.get_json()
     model = body.get("model", "")
-    early = fault_response(model)
-    if early is not None:
-        return early
-    words = answer_words(body)
+    words = body_answer(body)
     usage = usage_for(body, len(words))
     base = {"id": "cmpl-fake", "object": "text_completion", "created": int(time.time()),
             "model": model}
@@ -242,28 +240,24 @@ def completions():
 
 
 @app.post("/v1/embeddings")
+@with_faults
 def embeddings():
     body = request.get_json()
-    early = fault_response(body.get("model", ""))
-    if early is not None:
-        return early
     inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
     data = [{"object": "embedding", "index": i,
              "embedding": [round(0.1 * (i + 1) * (j + 1), 4) for j in range(8)]}
             for i, _ in enumerate(inputs)]
-    tokens = 3 + _words(inputs)
+    tokens = 3 + count_words(inputs)
     return jsonify(object="list", data=data, model=body["model"],
                    usage={"prompt_tokens": tokens, "total_tokens": tokens})
 
 
 @app.post("/v1/responses")
+@with_faults
 def responses():
     body = request.get_json()
     model = body.get("model", "")
-    early = fault_response(model)
-    if early is not None:
-        return early
-    words = answer_words(body)
+    words = body_answer(body)
     text = " ".join(words)
     usage = {"input_tokens": prompt_tokens(body), "output_tokens": len(words),
              "total_tokens": prompt_tokens(body) + len(words),
@@ -303,11 +297,9 @@ def responses():
 
 
 @app.post("/v1/images/generations")
+@with_faults
 def images():
     body = request.get_json()
-    early = fault_response(body.get("model", ""))
-    if early is not None:
-        return early
     count = int(body.get("n") or 1)
     return jsonify(created=int(time.time()),
                    data=[{"b64_json": "iVBORw0KGgo=", "revised_prompt": body["prompt"]}
@@ -315,11 +307,9 @@ def images():
 
 
 @app.post("/v1/audio/speech")
+@with_faults
 def speech():
     body = request.get_json()
-    early = fault_response(body.get("model", ""))
-    if early is not None:
-        return early
     chunks = [b"ID3fake-audio-" + str(i).encode() * 100 for i in range(5)]
     return Response(stream_events(request.path, chunks, body.get("model", "")),
                     content_type="audio/mpeg")
@@ -327,11 +317,8 @@ def speech():
 
 @app.post("/v1/audio/transcriptions")
 @app.post("/v1/audio/translations")
+@with_faults
 def transcription():
-    model = request.form.get("model", "")
-    early = fault_response(model)
-    if early is not None:
-        return early
     upload = request.files["file"]
     size = len(upload.read())
     text = f"fake transcript of {upload.filename} ({size} bytes)"

@@ -23,23 +23,7 @@ import time
 
 from flask import Response, jsonify, request
 
-ANSWER = "This is a deterministic answer from the fake upstream".split(" ")
-TOOL_ARGS = {"location": "Paris"}
-
-
-def _words(value):
-    if isinstance(value, str):
-        return len(value.split())
-    if isinstance(value, list):
-        return sum(_words(v) for v in value)
-    if isinstance(value, dict):
-        return sum(_words(v) for k, v in value.items()
-                   if k in ("content", "text", "input", "parts", "system"))
-    return 0
-
-
-def _answer(cap):
-    return ANSWER[:cap] if isinstance(cap, int) and 0 < cap < len(ANSWER) else ANSWER
+from fake_common import ANSWER, TOOL_ARGS, answer_words, count_words  # noqa: E402
 
 
 def _event(name, data):
@@ -89,7 +73,7 @@ def _wants_tool(body):
 
 def anthropic_usage(body, output_tokens):
     """The usage the fake reports: 3 + prompt words in total, split into cache read/write."""
-    prompt = 3 + _words(body.get("messages")) + _words(body.get("system"))
+    prompt = 3 + count_words(body.get("messages")) + count_words(body.get("system"))
     cached = int(body.get("fake_cached") or 0)
     written = int(body.get("fake_cache_write") or 0)
     return {"input_tokens": prompt - cached - written, "output_tokens": output_tokens,
@@ -104,7 +88,7 @@ def anthropic_messages(stream_events):
     if fault is not None:
         return fault
     tool = _wants_tool(body)
-    words = _answer(body.get("max_tokens"))
+    words = answer_words(body.get("max_tokens"))
     stop_reason = "tool_use" if tool else ("max_tokens" if len(words) < len(ANSWER) else "end_turn")
     output_tokens = 5 if tool else len(words)
     usage = anthropic_usage(body, output_tokens)
@@ -205,7 +189,7 @@ def _gemini_tool(body):
 
 
 def gemini_usage(body, completion):
-    prompt = 3 + _words(body.get("contents")) + _words(body.get("systemInstruction"))
+    prompt = 3 + count_words(body.get("contents")) + count_words(body.get("systemInstruction"))
     usage = {"promptTokenCount": prompt, "candidatesTokenCount": completion,
              "totalTokenCount": prompt + completion}
     if body.get("fake_cached"):
@@ -236,7 +220,7 @@ def gemini_generate(model, method, stream_events):
                         content_type="text/event-stream")
     tool = _gemini_tool(body)
     cap = (body.get("generationConfig") or {}).get("maxOutputTokens")
-    words = _answer(cap)
+    words = answer_words(cap)
     finish = "MAX_TOKENS" if not tool and len(words) < len(ANSWER) else "STOP"
     completion = 5 if tool else len(words)
     with_usage = model != "fault-nousage"
