@@ -26,10 +26,21 @@ ENDPOINTS = ("chat", "completions", "embeddings", "responses", "images",
 
 @dataclass
 class Usage:
-    prompt_tokens: int = 0  # includes cached tokens, as OpenAI reports them
-    completion_tokens: int = 0
-    cached_tokens: int = 0
-    reported: bool = False  # True once the upstream told us; False means count locally
+    """What one request consumed, as the upstream reported it (or as counted locally).
+
+    `prompt_tokens` includes cached reads and cache writes (OpenAI's convention);
+    `completion_tokens` includes reasoning / thought tokens. `reported` is True only once the
+    upstream's FINAL usage arrived (end of body or stream): numbers seen earlier in a stream
+    (e.g. Anthropic's message_start) may be stored, but leave `reported` False, so a stream
+    cut short is counted from the text actually delivered (`Reply.output_text`).
+    """
+    prompt_tokens: int = 0  # includes cached reads and cache writes, as OpenAI reports them
+    completion_tokens: int = 0  # includes reasoning / thought tokens
+    cached_tokens: int = 0  # prompt tokens read from the provider's cache
+    cache_write_tokens: int = 0  # prompt tokens written to the cache (Anthropic cache_creation)
+    images: int = 0  # images generated
+    seconds: int = 0  # audio seconds (transcription / translation), rounded up
+    reported: bool = False  # True once the upstream's final usage arrived
 
     def add_reported(self, prompt=None, completion=None, cached=None):
         """Record numbers the upstream reported (None leaves a field as it was)."""
@@ -56,6 +67,10 @@ class Call:
     headers: dict = field(default_factory=dict)  # client headers an adaptor may forward (anthropic-beta...)
     form: dict = field(default_factory=dict)  # multipart text fields (audio uploads)
     files: list = field(default_factory=list)  # multipart files: (field, filename, bytes, type)
+    # The most output tokens per choice that the relay reserved credits for. Every adaptor
+    # sends exactly this upstream, in the field its provider honours (replacing whatever the
+    # client sent), so the hold is a true upper bound. None: the endpoint has no output tokens.
+    output_cap: int | None = None
 
     def json_with(self, **changes):
         """The JSON body with top-level fields replaced, e.g. the upstream model name."""
