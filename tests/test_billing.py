@@ -8,8 +8,8 @@ from fractions import Fraction
 import pytest
 from sqlalchemy import update
 
-from blueprints.api import billing
-from blueprints.api.billing import Hold, Price
+import billing
+from billing import Hold, Price
 from blueprints.api.errors import ApiError
 from extensions import db
 from models import MICRO, ApiKey, LedgerEntry, ModelPrice, RedemptionCode, RequestLog, Reservation, \

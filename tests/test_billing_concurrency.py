@@ -5,7 +5,7 @@ import threading
 
 import pytest
 
-from blueprints.api import billing
+import billing
 from blueprints.api.errors import ApiError
 from extensions import db
 from models import MICRO, ApiKey, LedgerEntry, Reservation, User

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import requests
 
-from blueprints.api import billing
+import billing
 from extensions import db
 from models import MICRO, Group, LedgerEntry, Reservation, User
 from tests.support import wait_http

@@ -4,7 +4,7 @@ from html import unescape
 
 import pytest
 
-from blueprints.api import billing
+import billing
 from extensions import db
 from models import MICRO, Group, LedgerEntry, User
 from tests.support import login_session, make_price, make_user
