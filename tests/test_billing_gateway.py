@@ -11,6 +11,7 @@ import openai
 import requests
 
 import billing
+import holds
 from extensions import db
 from models import MICRO, Group, LedgerEntry, Reservation, User
 from tests.support import wait_http
