@@ -96,8 +96,11 @@ def interrupt_streams(reason):
     import gevent
     for flight in live_streams():
         flight.interrupted = reason
-        if flight.greenlet is not None:
-            gevent.kill(flight.greenlet, StreamInterrupted(reason), block=False)
+        glet = flight.greenlet
+        if isinstance(glet, gevent.Greenlet):
+            glet.kill(StreamInterrupted(reason), block=False)
+        elif glet is not None:
+            gevent.kill(glet, StreamInterrupted(reason))
 
 
 # --- the loop -----------------------------------------------------------------------------
@@ -130,7 +133,10 @@ def run_keeper(app, delivered_of, worker=None):
             db.session.remove()
         first = False
         if worker is not None:
-            _watch_shutdown(app, worker)
+            try:
+                _watch_shutdown(app, worker)
+            except Exception:  # noqa: BLE001
+                app.logger.exception("hold keeper: drain failed")
         time.sleep(tick)
 
 

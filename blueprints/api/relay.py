@@ -570,7 +570,7 @@ def _believable(flight, usage):
     """Whole non-negative numbers within 10x of what the request could produce (SPEC §10)."""
     fields = (usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens,
               usage.cache_write_tokens, usage.images, usage.seconds)
-    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in fields):
+    if getattr(usage, "garbled", False) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in fields):
         return False
     bound = _absurd_bound(flight)
     return (usage.prompt_tokens + usage.completion_tokens <= bound
