@@ -256,7 +256,7 @@ def test_enable_disable_and_delete(app, client, admin, factory):
     assert one(app, Channel, id=channel_id) is None
     assert count(app, ChannelModel) == 0
     log = one(app, RequestLog, request_id="req-1")  # the log keeps the channel's name
-    assert (log.channel_id, log.channel_name) == (None, "main")
+    assert (log.channel_id, log.channel_name) == (channel_id, "main")
 
 
 def test_health_badges_show_cooldown_and_errors(app, client, admin, factory):
@@ -636,12 +636,13 @@ def test_billing_check_and_sweep_from_the_console(app, client, admin, factory):
         user.reserved_micro = 3_000_000
         db.session.add(Reservation(request_id="req-dead", user_id=member,
                                    amount_micro=3_000_000,
-                                   created_at=utcnow() - timedelta(days=1)))
+                                   created_at=utcnow() - timedelta(days=1),
+                                   lease_until=utcnow() - timedelta(days=1)))
         db.session.commit()
     client.post("/admin/billing/check")
     assert any(m.startswith("Ledger drift found:") and MEMBER in m for m in flashes(client))
     client.post("/admin/billing/sweep")
-    assert any(m.startswith("Released 1 reservation older than") for m in flashes(client))
+    assert any(m.startswith("Settled 1 hold whose worker stopped") for m in flashes(client))
     assert one(app, User, id=member).reserved_micro == 0
     assert count(app, Reservation) == 0
 
