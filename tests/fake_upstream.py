@@ -18,8 +18,8 @@ alias such as `gpt-4o-mini=fault-500` makes one channel fail while another works
   fault-comments   SSE comment lines: `: OPENROUTER PROCESSING` before the first event,
                    `: keep-alive` between events and a comment line inside one event
   fault-drip       streams 40 events, one a second (under the read timeout, past a deadline)
-  fault-huge       a 2 MB answer: one big JSON body sent chunked (no Content-Length), or
-                   a stream of 200 events of 10 KB each
+  fault-huge       a 2 MB answer without usage: one big JSON body sent chunked (no
+                   Content-Length), or a stream of 200 events of 10 KB each
   fault-usage-*    a normal answer whose usage numbers are garbage: fault-usage-huge (1e30),
                    fault-usage-negative, fault-usage-string ("lots"), fault-usage-float (12.7)
 Usage is deterministic: prompt_tokens = 3 + words in the request's text,
@@ -223,7 +223,7 @@ def chat():
         words, usage = ANSWER, usage_for(body, 500)
     if model in USAGE_LIES:
         usage["prompt_tokens"] = USAGE_LIES[model]
-    with_usage = model != "fault-nousage"
+    with_usage = model not in ("fault-nousage", "fault-huge")
     if not body.get("stream"):
         if model == "fault-malformed":
             return Response("this is not json {", content_type="application/json")

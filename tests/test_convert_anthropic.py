@@ -613,12 +613,13 @@ def piped_until_broken(stream):
 def test_garbage_usage_never_raises(garbage):
     usage = Usage()
     convert.AnthropicUsageTracker(usage).update({"input_tokens": garbage, "output_tokens": 7})
-    if isinstance(garbage, (int, float)) and not isinstance(garbage, bool):
-        assert usage.reported and usage.prompt_tokens == int(garbage)  # raw: the relay judges
-    elif garbage is None:
-        assert usage.reported and usage.prompt_tokens == 0
+    assert usage.reported and usage.completion_tokens == 7
+    if garbage == -5:
+        assert not usage.garbled and usage.prompt_tokens == -5  # kept raw: the relay judges
+    elif garbage is None:  # absent: 0
+        assert not usage.garbled and usage.prompt_tokens == 0
     else:
-        assert usage.reported is False and usage.completion_tokens == 7
+        assert usage.garbled and usage.prompt_tokens == 0
     message = dict(fixture_json("anthropic/message_text.json"),
                    usage={"input_tokens": garbage, "output_tokens": garbage})
     json.dumps(convert.anthropic_to_openai_response(message, "c"), allow_nan=False)

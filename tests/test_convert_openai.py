@@ -14,6 +14,7 @@ from blueprints.api.providers import openai as adaptor_module
 from blueprints.api.providers.base import (
     Call, Limits, StreamBroken, Target, UpstreamFailure, Usage, read_capped, split_sse, sse_data,
 )
+from blueprints.api.providers.mock import MockAdaptor
 from blueprints.api.providers.openai import OpenAIAdaptor, capped_body, read_openai_usage
 from tests.test_convert_anthropic import fixture_bytes, fixture_json
 
@@ -47,6 +48,14 @@ def test_other_text_endpoints_send_their_own_cap_field(endpoint, field):
     out = capped_body(body, endpoint, 5)
     assert out[field] == 5 and out["best_of"] == 3 and out["n"] == 2
     assert capped_body({"model": "m"}, endpoint, 5)[field] == 5  # added when absent
+
+
+def test_the_mock_answers_within_the_reserved_cap():
+    call = chat_call(False, max_tokens=100_000)
+    call.output_cap = 2
+    mock = MockAdaptor(Target(1, "m", "mock", "", "", "mock"), None, (1, 1))
+    answer = json.loads(mock.send(call).body)["choices"][0]["message"]["content"]
+    assert answer == "Hello! This"
 
 
 def test_no_cap_or_no_output_tokens_leaves_the_body_alone():
@@ -87,18 +96,19 @@ def test_cached_tokens_from_chat_and_responses_usage():
 
 
 @pytest.mark.parametrize("value, kept", [
-    (1e30, int(1e30)), (-50, -50), (12.7, 12), ("42", 42), ("lots", None),
-    (float("inf"), None), (float("nan"), None), (True, None), ([3], None), ({"n": 1}, None),
+    (-50, -50), (12.0, 12), (2**60, 2**60), (1e30, None), (12.7, None), ("42", None),
+    ("lots", None), (float("inf"), None), (float("nan"), None), (True, None), ([3], None),
+    ({"n": 1}, None),
 ])
 def test_garbage_usage_numbers_never_raise(value, kept):
     usage = Usage()
     read_openai_usage({"prompt_tokens": value, "completion_tokens": 3,
                        "prompt_tokens_details": "garbage"}, usage)
-    assert usage.completion_tokens == 3
-    if kept is None:
-        assert usage.reported is False and usage.prompt_tokens == 0
-    else:
-        assert usage.reported is True and usage.prompt_tokens == kept
+    assert usage.completion_tokens == 3 and usage.reported
+    if kept is None:  # not a count: 0 and garbled, so the relay counts locally
+        assert usage.garbled is True and usage.prompt_tokens == 0
+    else:  # a count, even an absurd one, is kept raw: the relay judges it
+        assert usage.garbled is False and usage.prompt_tokens == kept
 
 
 def test_reasoning_refusal_and_tool_text_are_collected():

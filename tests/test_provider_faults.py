@@ -187,6 +187,18 @@ def test_a_two_million_character_prompt_is_served(live):
     assert row["status"] == "Success" and row["prompt_tokens"] == 400_003
 
 
+def test_a_long_output_without_usage_is_counted(live):
+    """Counting 2 MB of delivered text (no usage reported) neither fails nor bills nothing."""
+    key = member_with(live, huge="openai:fault-huge")
+    chunks = list(openai_client(live, key).chat.completions.create(
+        model="huge", stream=True, messages=[{"role": "user", "content": "hi"}]))
+    delivered = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert len(delivered) == 2_000_000
+    [row] = live.wait_logs(1)
+    assert (row["status"], row["estimated"]) == ("Success", True)
+    assert row["completion_tokens"] == 2_000_000 // 3 + 1  # past the exact limit: bytes / 3
+
+
 # --- 7. garbage usage numbers never give a 5xx ------------------------------------------------
 
 @pytest.mark.parametrize("kind", CHANNEL_TYPES)

@@ -59,16 +59,3 @@ def test_the_tokenizer_loads_lazily():
             "assert 'bpe_openai' in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=tokens.__file__.rsplit(
         "/blueprints/", 1)[0])
-
-
-@pytest.mark.parametrize("endpoint, body, cap", [
-    ("messages", {"max_tokens": 100_000, "max_completion_tokens": 1}, 100_000),
-    ("chat", {"max_tokens": 100_000, "max_completion_tokens": 1}, 1),
-    ("chat", {"max_tokens": 50}, 50),
-    ("responses", {"max_output_tokens": 70, "max_tokens": 1}, 70),
-    ("completions", {"max_tokens": True}, 4096),
-    ("chat", {"max_tokens": "100"}, 4096),
-    (None, {"max_output_tokens": 8}, 8),
-])
-def test_requested_output_cap_reads_the_endpoints_own_field(endpoint, body, cap):
-    assert tokens.requested_output_cap(body, 4096, endpoint) == cap

@@ -14,11 +14,6 @@ SLICE_CHARS = 20_000  # ~2 ms of encoding; bpe-openai refuses 1M characters in o
 EXACT_LIMIT = 1_000_000  # characters counted exactly; longer text is estimated from bytes
 BYTES_PER_TOKEN = 3  # a conservative estimate: English runs ~4, CJK ~3 bytes per token
 ESTIMATE_SLICE = 1_000_000  # characters measured between two yields when estimating
-# The output-token field each endpoint's request names its cap with (chat: either).
-CAP_FIELDS = {
-    "chat": ("max_completion_tokens", "max_tokens"), "completions": ("max_tokens",),
-    "responses": ("max_output_tokens",), "messages": ("max_tokens",),
-}
 
 
 @lru_cache(maxsize=1)
@@ -121,19 +116,3 @@ def estimate_prompt_tokens(body):
             texts.append(" ".join(_texts(body[field])))
     exact = sum(len(text) for text in texts) <= EXACT_LIMIT  # a huge body is estimated whole
     return total + sum(count_text(text, exact) for text in texts)
-
-
-def requested_output_cap(body, default_cap, endpoint=None):
-    """The most output tokens per choice the request can produce, for the credit reservation.
-
-    With `endpoint`, only the field that endpoint's API defines counts (an Anthropic request's
-    max_tokens, not a stray max_completion_tokens); without it, the first one found.
-    """
-    fields = CAP_FIELDS.get(endpoint, ("max_completion_tokens", "max_tokens",
-                                       "max_output_tokens"))
-    if isinstance(body, dict):
-        for field in fields:
-            value = body.get(field)
-            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-                return value
-    return default_cap
