@@ -185,6 +185,10 @@ def test_a_body_over_the_cap_is_refused_without_reading_it_whole():
     assert declared.closed
     small = FakeResponse(iter([b'{"a":', b' 1}']))
     assert read_capped(small, 10_000) == b'{"a": 1}'
+    dripping = FakeResponse([b"{"] * 10, delay=0.05)
+    with pytest.raises(UpstreamFailure) as err:
+        read_capped(dripping, 10_000, deadline=time.monotonic() + 0.2)
+    assert err.value.kind == "timeout" and dripping.closed
 
 
 def make_adaptor(url="http://127.0.0.1:9", model="gpt-up", limits=None):

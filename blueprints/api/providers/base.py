@@ -242,7 +242,8 @@ class Adaptor:
             raise UpstreamFailure("connect", f"could not reach upstream: {type(err).__name__}") \
                 from None
         if not stream or response.status_code >= 400:
-            read_capped(response, self.limits.response_bytes)
+            read_capped(response, self.limits.response_bytes,
+                        self.started + self.limits.stream_seconds)
         return response
 
     def stream_pieces(self, response, chunk_size=None) -> Iterator[bytes]:
@@ -277,8 +278,9 @@ class Adaptor:
 READ_PIECE = 64 * 1024
 
 
-def read_capped(response, cap):
-    """Read a whole upstream body, at most `cap` bytes; more is UpstreamFailure (502).
+def read_capped(response, cap, deadline=None):
+    """Read a whole upstream body, at most `cap` bytes; more is UpstreamFailure (502), and so
+    is a body still arriving after `deadline` (time.monotonic()).
 
     The bytes are stored where requests keeps a body it read itself, so `.content`, `.text`
     and `.json()` work on the response afterwards.
@@ -294,6 +296,10 @@ def read_capped(response, cap):
             body += piece
             if len(body) > cap:
                 raise too_large
+            if deadline is not None and time.monotonic() > deadline:
+                response.close()
+                raise UpstreamFailure("timeout", "upstream answer took longer than the "
+                                      "stream deadline")
     except requests.RequestException as err:
         if "ReadTimeout" in repr(err) or isinstance(err, requests.Timeout):
             raise UpstreamFailure("timeout", "upstream did not finish its answer in time") \

@@ -157,7 +157,8 @@ class OpenAIAdaptor(Adaptor):
         if not call.stream:
             response = self.post(path, data=self._json_body(call))
             return self._whole(response, read_openai_usage, whole_texts)
-        options = dict(call.body.get("stream_options") or {})
+        options = call.body.get("stream_options")
+        options = dict(options) if isinstance(options, dict) else {}
         options["include_usage"] = True  # we always meter; hidden again if the client did not ask
         response = self.post(path, data=self._json_body(call, stream_options=options),
                              stream=True)
