@@ -214,7 +214,7 @@ def anthropic_usage_numbers(usage):
     """(prompt, completion, cached, cache_write) from Anthropic usage.
 
     Anthropic's input_tokens excludes cache reads and writes; our prompt includes both. A
-    count that is not a number makes its result NaN, which base.Usage treats as unusable.
+    count that is not a whole number makes its result NaN, which base.Usage marks garbled.
     """
     usage = usage if isinstance(usage, dict) else {}
     fresh, read, write, out = (as_count(_zero_if_none(usage.get(name))) for name in (

@@ -207,7 +207,7 @@ def gemini_usage_numbers(metadata):
 
     Tool-use prompt tokens (e.g. search results fed back) are billed as input and thought
     tokens as output, as Google bills them; promptTokenCount already includes the cached
-    content. A count that is not a number makes its result NaN (base.Usage: unusable).
+    content. A count that is not a whole number makes its result NaN (base.Usage: garbled).
     """
     metadata = metadata if isinstance(metadata, dict) else {}
     prompt, tool_prompt, candidates, thoughts, cached = (
