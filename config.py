@@ -44,6 +44,10 @@ def load_config(instance_path, env=None):
         "REGISTRATION": env.get("TOKENOPEN_REGISTRATION", "open"),
         "UPSTREAM_TIMEOUT": _int(env, "TOKENOPEN_UPSTREAM_TIMEOUT", 600),
         "UPSTREAM_CONNECT_TIMEOUT": _int(env, "TOKENOPEN_UPSTREAM_CONNECT_TIMEOUT", 5),
+        # Overall deadline of one upstream stream, besides the per-read timeout (SPEC §10).
+        "STREAM_MAX_SECONDS": _int(env, "TOKENOPEN_STREAM_MAX_SECONDS", 3600),
+        # Upstream answers larger than this are refused (502), never buffered whole.
+        "MAX_RESPONSE_BYTES": _int(env, "TOKENOPEN_MAX_RESPONSE_BYTES", 64 * 1024 * 1024),
         "MAX_BODY_BYTES": _int(env, "TOKENOPEN_MAX_BODY_BYTES", 32 * 1024 * 1024),
         # Werkzeug stops reading past this too, even for bodies sent without Content-Length.
         "MAX_CONTENT_LENGTH": _int(env, "TOKENOPEN_MAX_BODY_BYTES", 32 * 1024 * 1024),
