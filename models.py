@@ -4,10 +4,11 @@ import secrets
 from datetime import datetime, timezone
 
 from flask_login import UserMixin
-from sqlalchemy import BigInteger, ForeignKey, Index, String, Text, UniqueConstraint
+from sqlalchemy import BigInteger, ForeignKey, Index, String, Text, UniqueConstraint, event
 from sqlalchemy.orm import Mapped, mapped_column, object_session, relationship
 from werkzeug.security import check_password_hash, generate_password_hash
 
+from encryption import SecretUnreadable, secret_box
 from extensions import db
 
 MICRO = 1_000_000  # micro-credits per credit
@@ -138,7 +139,9 @@ class Channel(db.Model):
     name: Mapped[str] = mapped_column(String(100), unique=True)
     type: Mapped[str] = mapped_column(String(32))  # openai | anthropic | gemini | mock
     base_url: Mapped[str] = mapped_column(String(500), default="")
-    api_key: Mapped[str] = mapped_column(Text, default="")
+    # The upstream key as stored: a Fernet token (encryption.py), or plain text written
+    # before encryption existed. Read and write it through `api_key`.
+    api_key_stored: Mapped[str] = mapped_column("api_key", Text, default="")
     priority: Mapped[int] = mapped_column(default=0)  # higher is tried first
     weight: Mapped[int] = mapped_column(default=1)
     enabled: Mapped[bool] = mapped_column(default=True)
@@ -174,8 +177,37 @@ class Channel(db.Model):
         self.model_rows = rows
 
     @property
+    def api_key(self):
+        """The upstream key in plain text; SecretUnreadable when no configured key decrypts it.
+        Decrypted once per loaded row (see _decrypt_key_on_load), not on every read."""
+        stored = self.api_key_stored
+        cached = self.__dict__.get("_api_key_plain")
+        if cached is None or cached[0] != stored:
+            cached = (stored, secret_box().decrypt(stored))
+            self.__dict__["_api_key_plain"] = cached
+        return cached[1]
+
+    @api_key.setter
+    def api_key(self, text):
+        text = text or ""
+        self.api_key_stored = secret_box().encrypt(text)
+        self.__dict__["_api_key_plain"] = (self.api_key_stored, text)
+
+    def reencrypt_key(self):
+        """Store the key under the first encryption key; True when the row changed."""
+        box = secret_box()
+        if box.is_current(self.api_key_stored):
+            return False
+        self.api_key_stored = box.encrypt(box.decrypt(self.api_key_stored))
+        return True
+
+    @property
     def masked_key(self):
-        key = self.api_key or ""
+        """Enough of the key to recognise it ('sk-…abcd'), never the key itself."""
+        try:
+            key = self.api_key
+        except SecretUnreadable:
+            return "(unreadable: wrong encryption key)"
         return (key[:3] + "…" + key[-4:]) if len(key) > 10 else ("…" if key else "")
 
     def health(self, now=None):
@@ -185,6 +217,19 @@ class Channel(db.Model):
         if self.cooldown_until and self.cooldown_until > (now or utcnow()):
             return "cooldown"
         return "degraded" if self.fail_count else "healthy"
+
+
+@event.listens_for(Channel, "load")
+@event.listens_for(Channel, "refresh")
+def _decrypt_key_on_load(channel, *_):
+    """Decrypt while the app context that loaded the row is there: the plain key is then
+    at hand wherever the row goes (the routing cache, a detached object)."""
+    if "api_key_stored" not in channel.__dict__:
+        return  # not loaded by this refresh: reading it here would issue SQL inside a load
+    try:
+        channel.api_key
+    except SecretUnreadable:
+        pass  # reported where the key is needed (routing skips the channel, masked_key says so)
 
 
 class ChannelModel(db.Model):

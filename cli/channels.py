@@ -3,6 +3,7 @@ from urllib.parse import urlsplit
 
 import click
 
+from bootstrap import reencrypt_channel_keys
 from cli.common import channel_or_fail, echo_json, fail, iso
 from extensions import db
 from models import Channel, split_list
@@ -129,6 +130,16 @@ def register(app):
             channel.weight = weight
         db.session.commit()
         click.echo(f"updated channel {channel.name}")
+
+    @channels.command("reencrypt")
+    def channels_reencrypt():
+        """Re-encrypt every upstream key under the first TOKENOPEN_ENCRYPTION_KEY (rotation)."""
+        changed, unreadable = reencrypt_channel_keys()
+        click.echo(f"re-encrypted {changed} channel key(s) under the current encryption key")
+        if unreadable:
+            fail("cannot decrypt the key of channel(s) " + ", ".join(unreadable) +
+                 ": add the encryption key they were written with to TOKENOPEN_ENCRYPTION_KEY "
+                 "(after the new one) and run this again, or set their keys anew")
 
     @channels.command("enable")
     @click.argument("name")

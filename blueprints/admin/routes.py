@@ -121,10 +121,11 @@ def channel_new():
 def channel_edit(channel_id):
     """Edit a channel; the API key field starts blank and blank keeps the old key."""
     channel = db.get_or_404(Channel, channel_id)
-    form = ChannelForm(obj=channel if request.method == "GET" else None)
-    if request.method == "GET":
-        form.models.data = channel.models_spec
-        form.api_key.data = ""
+    # Filled from a dict, not obj=channel: the form must never hold (or decrypt) the key.
+    form = ChannelForm(data={
+        "name": channel.name, "type": channel.type, "base_url": channel.base_url,
+        "models": channel.models_spec, "priority": channel.priority, "weight": channel.weight,
+        "enabled": channel.enabled} if request.method == "GET" else None)
     if form.validate_on_submit():
         if _name_taken(Channel, form.name.data.strip(), channel.id):
             form.name.errors.append("A channel with this name already exists.")
