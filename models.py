@@ -1,4 +1,5 @@
 """All SQLAlchemy models. Money is always an integer of micro-credits (1 credit = 1,000,000)."""
+import functools
 import hashlib
 import secrets
 from datetime import datetime, timezone
@@ -13,6 +14,15 @@ from extensions import db
 
 MICRO = 1_000_000  # micro-credits per credit
 ALL_MODELS = "*"
+
+# The largest numbers people may type (console forms and CLI): far above any real need and
+# inside what the columns hold (INTEGER is 32-bit on PostgreSQL), so input is never a 500.
+MAX_PRIORITY = 1_000_000  # channels.priority, either sign
+MAX_WEIGHT = 10_000
+MAX_RPM = 1_000_000
+MAX_TPM = 1_000_000_000
+MAX_EXPIRY_DAYS = 3650  # keys and redemption codes
+MAX_OUTPUT_CAP = 10_000_000  # tokens
 
 
 def utcnow():
@@ -75,10 +85,30 @@ class User(UserMixin, db.Model):
     def set_password(self, password):
         """Hash with scrypt and sign out the user's other sessions."""
         self.password_hash = generate_password_hash(password)
+        self.rotate_session_token()
+
+    def rotate_session_token(self):
+        """Invalidate every session and "remember me" cookie issued to this user so far."""
         self.session_token = secrets.token_hex(16)
 
     def check_password(self, password):
         return check_password_hash(self.password_hash, password)
+
+    @classmethod
+    def authenticate(cls, email, password):
+        """The user with this email and password, else None. An unknown email costs one
+        password hash too, so the answer's timing does not tell which accounts exist."""
+        user = db.session.scalar(db.select(cls).filter_by(email=email))
+        if user is None:
+            check_password_hash(_dummy_password_hash(), password)
+            return None
+        return user if user.check_password(password) else None
+
+
+@functools.cache
+def _dummy_password_hash():
+    """A hash made like real ones (same scrypt cost) that no password matches in practice."""
+    return generate_password_hash(secrets.token_hex(32))
 
 
 class ApiKey(db.Model):

@@ -6,9 +6,11 @@ import click
 from bootstrap import reencrypt_channel_keys
 from cli.common import channel_or_fail, echo_json, fail, iso
 from extensions import db
-from models import Channel, split_list
+from models import MAX_PRIORITY, MAX_WEIGHT, Channel, split_list
 
 TYPES = ("openai", "anthropic", "gemini", "mock")
+PRIORITY = click.IntRange(-MAX_PRIORITY, MAX_PRIORITY)
+WEIGHT = click.IntRange(1, MAX_WEIGHT)
 NAME_MAX = 100  # Channel.name column size
 
 
@@ -67,9 +69,9 @@ def register(app):
                   help="Provider root, e.g. https://api.openai.com (not needed for mock).")
     @click.option("--api-key", default="", help="The upstream provider's API key.")
     @click.option("--models", required=True, help="m1,m2 or public=upstream entries.")
-    @click.option("--priority", type=int, default=0, show_default=True,
+    @click.option("--priority", type=PRIORITY, default=0, show_default=True,
                   help="Higher is tried first.")
-    @click.option("--weight", type=click.IntRange(min=1), default=1, show_default=True,
+    @click.option("--weight", type=WEIGHT, default=1, show_default=True,
                   help="Share among channels of equal priority.")
     def channels_add(name, kind, base_url, api_key, models, priority, weight):
         """Add a channel serving the given models."""
@@ -110,8 +112,8 @@ def register(app):
     @click.option("--base-url")
     @click.option("--api-key")
     @click.option("--models", help="Replaces the whole model list.")
-    @click.option("--priority", type=int)
-    @click.option("--weight", type=click.IntRange(min=1))
+    @click.option("--priority", type=PRIORITY)
+    @click.option("--weight", type=WEIGHT)
     def channels_edit(name, base_url, api_key, models, priority, weight):
         """Change the given settings of a channel."""
         channel = channel_or_fail(name)
