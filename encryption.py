@@ -54,6 +54,9 @@ class SecretBox:
     def __init__(self, keys):
         self.primary = Fernet(keys[0])
         self.fernet = MultiFernet([Fernet(k) for k in keys])
+        # token -> plain text: the routing cache reloads channels every CACHE_TTL seconds,
+        # and a decryption costs ~0.1 ms; the plain keys are in that cache anyway.
+        self._decrypted = {}
 
     def encrypt(self, text):
         """`text` as a Fernet token; '' stays '' (nothing to hide)."""
@@ -61,15 +64,21 @@ class SecretBox:
 
     def decrypt(self, stored):
         """The plain text of a stored value; a legacy plain-text value comes back unchanged."""
-        if not looks_encrypted(stored):
-            return stored or ""
-        try:
-            return self.fernet.decrypt(stored.encode()).decode()
-        except InvalidToken:
-            raise SecretUnreadable(
-                "a stored secret cannot be decrypted with TOKENOPEN_ENCRYPTION_KEY or the "
-                "secret key (was one changed without `flask --app app channels reencrypt`?)"
-            ) from None
+        plain = self._decrypted.get(stored)
+        if plain is None:
+            if not looks_encrypted(stored):
+                return stored or ""
+            try:
+                plain = self.fernet.decrypt(stored.encode()).decode()
+            except InvalidToken:
+                raise SecretUnreadable(
+                    "a stored secret cannot be decrypted with TOKENOPEN_ENCRYPTION_KEY or the "
+                    "secret key (was one changed without `flask --app app channels reencrypt`?)"
+                ) from None
+            if len(self._decrypted) >= 1024:
+                self._decrypted.clear()
+            self._decrypted[stored] = plain
+        return plain
 
     def is_current(self, stored):
         """True when `stored` needs no re-encryption: empty, or a token of the first key."""

@@ -11,7 +11,7 @@ from urllib.parse import quote
 
 import pytest
 from cryptography.fernet import Fernet, InvalidToken
-from sqlalchemy import text
+from sqlalchemy import create_engine, text
 
 from extensions import db
 from models import (ApiKey, Channel, ChannelModel, Group, LedgerEntry, ModelPrice,
@@ -396,6 +396,27 @@ def test_plain_text_keys_of_older_versions_keep_working_until_reencrypted(app, f
     assert stored_key(app, "legacy").startswith("gAAAAA")
     assert routed_key(app, "gpt-4o-mini") == "sk-legacy-plain-1234"
     assert "re-encrypted 0 channel key" in run_cli(app, "channels", "reencrypt").output
+
+
+def test_bootstrap_encrypts_the_plain_text_keys_of_an_older_version(tmp_path):
+    """`make run` runs `flask bootstrap` (init-db alike) at every start: an upgraded install
+    keeps its channels, now encrypted."""
+    from encryption import derived_key
+    from tests.test_cli import flask_cli
+    url = f"sqlite:///{tmp_path}/upgraded.db"
+    flask_cli(url, "init-db")
+    engine = create_engine(url)
+    with engine.begin() as conn:  # what an older version left behind
+        conn.execute(text(
+            "INSERT INTO channels (name, type, base_url, api_key, priority, weight, enabled, "
+            "fail_count, created_at) VALUES ('old', 'openai', 'https://api.example', "
+            "'sk-plain-from-before', 0, 1, 1, 0, '2026-01-01 00:00:00')"))
+    assert "encrypted the upstream keys of 1 channel" in flask_cli(url, "bootstrap")
+    with engine.connect() as conn:
+        raw = conn.execute(text("SELECT api_key FROM channels")).scalar_one()
+    engine.dispose()
+    assert Fernet(derived_key("cli-test")).decrypt(raw.encode()) == b"sk-plain-from-before"
+    assert "encrypted" not in flask_cli(url, "init-db")  # nothing left to do
 
 
 def test_rotating_the_encryption_key(app, factory):
