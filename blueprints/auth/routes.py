@@ -121,7 +121,7 @@ def logout():
         current_user.rotate_session_token()
         db.session.commit()
         logout_user()
-        flash("You are logged out, on this device and every other one.", "ok")
+        flash("You are logged out. Your other devices are signed out too.", "ok")
         return redirect(url_for("auth.login"))
     return render_template("auth/logout.html", form=form)
 
