@@ -1,6 +1,7 @@
 """Settings from TOKENOPEN_* environment variables, read when the app is built."""
 import os
 import secrets
+from datetime import timedelta
 
 
 def _int(env, name, default):
@@ -25,13 +26,17 @@ def _secret_key(instance_path):
 def load_config(instance_path, env=None):
     """Return the app settings: defaults, overridden by TOKENOPEN_* variables."""
     env = os.environ if env is None else env
-    os.makedirs(instance_path, exist_ok=True)
+    # Owner-only: the instance folder holds the secret key and, by default, the database.
+    os.makedirs(instance_path, mode=0o700, exist_ok=True)
     redis_url = env.get("TOKENOPEN_REDIS_URL") or None
     database_url = env.get("TOKENOPEN_DATABASE_URL") or (
         "sqlite:///" + os.path.join(instance_path, "tokenopen.db"))
     return {
         "SQLALCHEMY_DATABASE_URI": database_url,
         "SECRET_KEY": env.get("TOKENOPEN_SECRET_KEY") or _secret_key(instance_path),
+        # Fernet key(s) for upstream keys at rest, comma-separated, the first encrypts;
+        # unset: derived from SECRET_KEY (encryption.py).
+        "ENCRYPTION_KEY": env.get("TOKENOPEN_ENCRYPTION_KEY") or None,
         "REDIS_URL": redis_url,
         # Flask-Limiter storage: exact in memory with one worker, shared in Redis.
         "RATELIMIT_STORAGE_URI": redis_url or "memory://",
@@ -65,9 +70,12 @@ def load_config(instance_path, env=None):
         # SIGTERM lets streams finish for this long, then interrupts them, billed and logged.
         "DRAIN_SECONDS": _int(env, "TOKENOPEN_DRAIN_SECONDS", 60),
         "LOGIN_LIMIT": env.get("TOKENOPEN_LOGIN_LIMIT", "10 per minute"),
+        # Every POST /register counts, per client IP: account floods and e-mail probing.
+        "REGISTER_LIMIT": env.get("TOKENOPEN_REGISTER_LIMIT", "10 per hour"),
         "WTF_CSRF_TIME_LIMIT": None,
         "SESSION_COOKIE_HTTPONLY": True,
         "SESSION_COOKIE_SAMESITE": "Lax",
-        "REMEMBER_COOKIE_HTTPONLY": True,
+        # The remember cookie takes the session cookie's flags (extensions.LoginManager).
+        "REMEMBER_COOKIE_DURATION": timedelta(days=30),
         "SQLALCHEMY_ENGINE_OPTIONS": {"pool_pre_ping": True},
     }

@@ -452,7 +452,7 @@ def test_bad_group_input_is_refused_inline(app, client, admin):
     for data, message in [
         ({"multiplier": "-1"}, "Enter a non-negative decimal like 1 or 1.25"),
         ({"multiplier": "lots"}, "Enter a non-negative decimal like 1 or 1.25"),
-        ({"rpm": "-5"}, "Number must be at least 0."),
+        ({"rpm": "-5"}, "Number must be between 0 and 1000000."),
         ({"name": "default"}, "A group with this name already exists."),
         ({"models": " , "}, "Enter * or at least one model name."),
     ]:
@@ -704,7 +704,7 @@ def test_bad_code_batches_are_refused_inline(app, client, admin):
         ({"amount": "0"}, "A code must be worth more than zero."),
         ({"amount": "1.2345678"}, "at most 6 decimal places"),
         ({"count": "0"}, "Number must be between 1 and 1000."),
-        ({"expires_days": "0"}, "Number must be at least 1."),
+        ({"expires_days": "0"}, "Number must be between 1 and 3650."),
     ]:
         html = refused(app, client, "/admin/codes", {**form, **data}, message)
         field_error(html, message)
@@ -734,7 +734,7 @@ def test_bad_settings_are_refused_inline(app, client, admin):
         ({"registration": "everyone"}, "Not a valid choice"),
         ({"signup_bonus": "1.0000001"}, "at most 6 decimal places"),
         ({"signup_bonus": "-1"}, "at most 6 decimal places"),
-        ({"default_output_cap": "0"}, "Number must be at least 1."),
+        ({"default_output_cap": "0"}, "Number must be between 1 and 10000000."),
     ]:
         html = refused(app, client, "/admin/settings", {**form, **data}, message)
         field_error(html, message)
