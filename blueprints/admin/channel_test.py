@@ -3,6 +3,7 @@ import json
 import time
 
 from blueprints.api.errors import ApiError
+from blueprints.api.scrub import channel_secrets, scrub_upstream_text
 from encryption import SecretUnreadable
 from extensions import db
 
@@ -65,15 +66,11 @@ def _failed(channel, latency_ms, message):
         api_key = channel.api_key
     except SecretUnreadable:  # then the adaptor never had the key to echo
         api_key = ""
-    channel.last_error = _without_key(message, api_key)[:2000]
+    # Upstreams sometimes echo the key in an error: scrubbed as the relay scrubs it.
+    secrets = channel_secrets(api_key, channel.base_url)
+    channel.last_error = scrub_upstream_text(message, secrets)[:2000]
     db.session.add(channel)
     return False, latency_ms, channel.last_error
-
-
-def _without_key(text, api_key):
-    """Upstreams sometimes echo the key in an error; never show it in the console."""
-    text = str(text)
-    return text.replace(api_key, "[upstream key]") if api_key and len(api_key) >= 4 else text
 
 
 test_channel.__test__ = False  # pytest: a function, not a test, despite its name

@@ -23,9 +23,13 @@ from blueprints.api.cache import TTLCache
 from blueprints.api.errors import ApiError, stream_error_event, uses_anthropic_shape
 from blueprints.api.limits import admit, count_tokens
 from blueprints.api.providers import build_adaptor
+from blueprints.api.providers.anthropic_convert import count_tokens as count_input_tokens
+from blueprints.api.providers.anthropic_convert import messages_via_chat
 from blueprints.api.providers.base import Call, StreamBroken, UpstreamFailure, Usage
 from blueprints.api.routing import choose_channels, model_exists, note_failure, note_success
+from blueprints.api.scrub import channel_secrets, scrub_upstream_text, storable_text
 from blueprints.api.tokens import count_text, estimate_prompt_tokens
+from blueprints.api.validation import check_model_name, validate_body
 from extensions import db
 from models import ApiKey, Group, Setting, User, split_list, utcnow
 from request_log import add_request_log, replace_request_log
@@ -146,11 +150,10 @@ def relay(endpoint):
 
 def count_message_tokens():
     """POST /v1/messages/count_tokens: a local, free count; nothing is reserved or logged."""
-    from blueprints.api.providers.anthropic_convert import count_tokens
     key = authenticate()
     call = parse_call("messages_count_tokens", g.request_id)
     authorize(key, call.model)
-    return count_tokens(call.body)
+    return count_input_tokens(call.body)
 
 
 def authenticate():
@@ -208,7 +211,7 @@ def parse_call(endpoint, request_id):
                        f"Request body is larger than the {limit} bytes this gateway accepts.")
     try:
         body = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested too deep to parse
         raise ApiError(400, "invalid_request_error",
                        "We could not parse the JSON body of your request.") from None
     if not isinstance(body, dict):
@@ -221,9 +224,7 @@ def parse_call(endpoint, request_id):
         if body.get(name) in (None, "", []):
             raise ApiError(400, "invalid_request_error", f"Missing required parameter: '{name}'.",
                            param=name)
-    if endpoint in ("chat", "messages") and not isinstance(body["messages"], list):
-        raise ApiError(400, "invalid_request_error", "'messages' must be an array.",
-                       param="messages")
+    validate_body(endpoint, body)
     stream = body.get("stream") is True
     options = body.get("stream_options")
     wants_usage = stream and isinstance(options, dict) and options.get("include_usage") is True
@@ -261,9 +262,7 @@ def _count_of(body, name, default=1):
 
 def _parse_multipart(endpoint, request_id, headers):
     model = request.form.get("model")
-    if not model:
-        raise ApiError(400, "invalid_request_error", "you must provide a model parameter",
-                       param="model")
+    check_model_name(model)
     upload = request.files.get("file")
     if upload is None:
         raise ApiError(400, "invalid_request_error", "Missing required parameter: 'file'.",
@@ -356,9 +355,10 @@ def forward(flight):
         adaptor = build_adaptor(route.target)
         reply = None
         try:
-            reply = adaptor.send(flight.call)
+            reply = send_call(adaptor, flight.call)
             first_chunk = next(reply.chunks(), b"") if reply.is_stream else None
         except UpstreamFailure as failure:
+            _scrub_failure(failure, route.target)
             if not failure.retryable and failure.status not in (401, 403):
                 raise _client_error(failure) from None  # the request's own fault: pass it through
             note_failure(route.target, failure.message)
@@ -366,13 +366,32 @@ def forward(flight):
             continue
         except StreamBroken as err:  # broke before the first byte: still safe to retry
             reply.close()
-            note_failure(route.target, str(err))
-            failures.append(UpstreamFailure("bad_response", str(err)))
+            message = _scrubbed(err, route.target)
+            note_failure(route.target, message)
+            failures.append(UpstreamFailure("bad_response", message))
             continue
         flight.ttft_ms = _elapsed_ms(flight)
         note_success(route)
         return route, reply, first_chunk
     raise _no_channel_answered(flight.call.model, failures)
+
+
+def send_call(adaptor, call):
+    """Send `call` through `adaptor`: Anthropic Messages go natively to adaptors that speak
+    them, and through the adaptor's chat (converted both ways) to the others."""
+    if call.endpoint == "messages" and not hasattr(adaptor, "send_messages"):
+        return messages_via_chat(adaptor, call)
+    return adaptor.send(call)
+
+
+def _scrubbed(text, target):
+    """Upstream text without the channel's key(s) and host, or anything key/address-shaped."""
+    return scrub_upstream_text(text, channel_secrets(target.api_key, target.base_url))
+
+
+def _scrub_failure(failure, target):
+    failure.message = _scrubbed(failure.message, target)
+    failure.args = (failure.message,)
 
 
 def _client_error(failure):
@@ -432,10 +451,10 @@ def deliver_stream(flight, reply, first_chunk):
                     finish(flight, reply, **outcome)
                 yield chunk
         except (StreamBroken, inflight.StreamInterrupted) as err:
-            reason = flight.interrupted or str(err)
+            reason = flight.interrupted or _scrubbed(err, flight.route.target)
             timed_out = getattr(err, "timeout", False) and not flight.interrupted
             outcome.update(status="Timeout" if timed_out else "Failed", error=reason)
-            message = reason if flight.interrupted else f"The upstream stream broke: {err}"
+            message = reason if flight.interrupted else f"The upstream stream broke: {reason}"
             yield stream_error_event(message, anthropic)
         except GeneratorExit:
             outcome.update(status="Failed", http_status=499,
@@ -568,7 +587,8 @@ def write_log(flight, usage, charged, state, estimated, status, http_status, err
         prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
         cached_tokens=usage.cached_tokens, credits_micro=charged, status=status,
         http_status=http_status, latency_ms=_elapsed_ms(flight), ttft_ms=flight.ttft_ms,
-        estimated=estimated, billing=state, error=error, client_ip=flight.client_ip)
+        estimated=estimated, billing=state, error=storable_text(error, 2000),
+        client_ip=flight.client_ip)
 
 
 def _last_used_is_stale(key_hash):

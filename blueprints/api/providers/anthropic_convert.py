@@ -5,7 +5,8 @@ Two directions live here:
   `anthropic_to_openai_response`, `anthropic_stream_to_openai`;
 - inbound (an Anthropic client on /v1/messages, any other channel): `anthropic_to_openai_request`,
   `openai_to_anthropic_response`, `openai_stream_to_anthropic`, tied together by
-  `messages_via_chat`, which base.Adaptor.send_messages calls.
+  `messages_via_chat`, which the relay calls for channels that do not speak Messages
+  natively (relay.send_call).
 
 Field names follow Anthropic's Messages API reference (docs.anthropic.com, "Messages" and
 "Streaming Messages") and OpenAI's Chat Completions reference.

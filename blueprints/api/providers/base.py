@@ -20,6 +20,7 @@ from typing import Iterator
 import requests
 
 from blueprints.api.errors import ApiError
+from blueprints.api.scrub import scrub_upstream_text
 
 # Endpoint names used by Call.endpoint; an adaptor serves those it has send_<name> for.
 ENDPOINTS = ("chat", "completions", "embeddings", "responses", "images",
@@ -127,10 +128,13 @@ class Target:
 
 
 class UpstreamFailure(Exception):
-    """The upstream failed before any byte reached the client."""
+    """The upstream failed before any byte reached the client. Its message is upstream text,
+    scrubbed of anything key- or address-shaped here; the relay also scrubs the channel's own
+    key and host, which only it knows."""
 
     def __init__(self, kind, message, status=None, retry_after=None, error_type=None,
                  error_code=None):
+        message = scrub_upstream_text(message)
         super().__init__(message)
         self.kind = kind  # "connect" | "timeout" | "status" | "bad_response"
         self.message = message
@@ -151,7 +155,7 @@ class StreamBroken(Exception):
     """The upstream stream ended abnormally after bytes went to the client."""
 
     def __init__(self, message, timeout=False):
-        super().__init__(message)
+        super().__init__(scrub_upstream_text(message))
         self.timeout = timeout  # the upstream went quiet longer than the read timeout
 
 
@@ -218,11 +222,6 @@ class Adaptor:
         self.started = time.monotonic()
         return handler(call)
 
-    def send_messages(self, call) -> Reply:
-        """Anthropic Messages in, through this adaptor's chat, Anthropic Messages out."""
-        from blueprints.api.providers import anthropic_convert
-        return anthropic_convert.messages_via_chat(self, call)
-
     # Helpers for subclasses ------------------------------------------------------------
 
     def http_post(self, url, *, stream=False, **kwargs):
@@ -234,8 +233,10 @@ class Adaptor:
         """
         try:
             response = self.http.post(url, stream=True, timeout=self.timeout, **kwargs)
-        except requests.ConnectTimeout as err:
-            raise UpstreamFailure("connect", f"could not connect to upstream: {err}") from None
+        except requests.ConnectTimeout:
+            # never str(err): it names our upstream's host, port and path
+            raise UpstreamFailure("connect", "could not connect to upstream: connect timeout") \
+                from None
         except requests.Timeout:
             raise UpstreamFailure("timeout", "upstream did not answer in time") from None
         except requests.RequestException as err:

@@ -1,7 +1,7 @@
 """Gemini upstreams: {base}/v1beta/models/{model}:generateContent (and friends), x-goog-api-key.
 
 OpenAI chat and embeddings calls are converted both ways (gemini_convert); Anthropic
-Messages calls reach Gemini through chat (base.Adaptor.send_messages).
+Messages calls reach Gemini through chat (the relay converts them: relay.send_call).
 """
 import json
 

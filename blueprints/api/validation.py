@@ -1,0 +1,129 @@
+"""What a /v1 request body must be before the relay touches it: 400, never a 500 later.
+
+Checked here: nesting depth, the model name, the integers that size a reservation
+(`max_tokens` and friends, `n`) and, for /v1/messages, the shapes the Anthropic→OpenAI
+converter walks. Everything else passes through for the upstream to judge.
+"""
+import unicodedata
+
+from blueprints.api.errors import ApiError
+
+MAX_DEPTH = 64  # JSON nesting; real requests (tool schemas included) stay far below
+MAX_MODEL_CHARS = 200
+MAX_INT = 2**31 - 1  # any larger output cap is a typo or an attack, and would overflow holds
+CAP_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+CHOICES_LIMIT = 128  # OpenAI's own upper bound for `n`
+ANTHROPIC_ROLES = ("user", "assistant")
+
+
+def bad_request(message, param=None):
+    """A 400 `invalid_request_error` in the route's shape."""
+    return ApiError(400, "invalid_request_error", message, param=param)
+
+
+def check_depth(value, limit=MAX_DEPTH):
+    """400 when JSON nests deeper than `limit` (walked without recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            raise bad_request(f"The request nests JSON deeper than {limit} levels.")
+        if isinstance(item, dict):
+            stack.extend((child, depth + 1) for child in item.values()
+                         if isinstance(child, (dict, list)))
+        elif isinstance(item, list):
+            stack.extend((child, depth + 1) for child in item if isinstance(child, (dict, list)))
+
+
+def check_model_name(model):
+    """400 unless `model` is non-empty printable text of at most 200 characters."""
+    if not isinstance(model, str) or not model:
+        raise bad_request("you must provide a model parameter", "model")
+    if len(model) > MAX_MODEL_CHARS:
+        raise bad_request(f"The model name is longer than {MAX_MODEL_CHARS} characters.",
+                          "model")
+    # Cc control, Cf invisible format (bidi overrides spoof the console), Cs lone surrogate
+    # (not even storable in the log row)
+    if any(unicodedata.category(ch) in ("Cc", "Cf", "Cs") for ch in model):
+        raise bad_request("The model name contains characters that are not valid text.",
+                          "model")
+
+
+def _check_int(body, name, low, high):
+    value = body.get(name)
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise bad_request(f"Invalid type for '{name}': expected an integer.", name)
+    if not low <= value <= high:
+        raise bad_request(f"Invalid '{name}': expected an integer from {low} to {high}.", name)
+
+
+def check_integers(body):
+    """The output cap fields and `n` are integers in a sane range when present."""
+    for name in CAP_FIELDS:
+        _check_int(body, name, 1, MAX_INT)
+    _check_int(body, "n", 1, CHOICES_LIMIT)
+
+
+def _objects(value, param, what):
+    if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
+        raise bad_request(f"'{param}' must be an array of {what} objects.", param)
+    return value
+
+
+def _check_blocks(content, param):
+    """Anthropic content: a string or an array of blocks, each an object with a string type."""
+    if isinstance(content, str):
+        return
+    for block in _objects(content, param, "content block"):
+        if not isinstance(block.get("type"), str):
+            raise bad_request(f"Each block in '{param}' needs a string 'type'.", param)
+        if block.get("type") == "tool_result" and block.get("content") is not None:
+            _check_blocks(block["content"], param)
+
+
+def check_chat(body):
+    """OpenAI chat: `messages` is an array of objects, each with a string `role`."""
+    for message in _objects(body["messages"], "messages", "message"):
+        if not isinstance(message.get("role"), str):
+            raise bad_request("Each message needs a string 'role'.", "messages")
+
+
+def check_anthropic_messages(body):
+    """Anthropic Messages: the shapes its API reference gives for the fields we convert."""
+    for message in _objects(body["messages"], "messages", "message"):
+        if message.get("role") not in ANTHROPIC_ROLES:
+            raise bad_request("Each message's 'role' must be 'user' or 'assistant'.",
+                              "messages")
+        if message.get("content") is None:
+            raise bad_request("Each message needs 'content' (a string or an array of blocks).",
+                              "messages")
+        _check_blocks(message["content"], "messages")
+    if body.get("system") is not None:
+        _check_blocks(body["system"], "system")
+    if body.get("tools") is not None:
+        _objects(body["tools"], "tools", "tool")
+    if body.get("tool_choice") is not None:
+        if not isinstance(body["tool_choice"], dict):
+            raise bad_request("'tool_choice' must be an object.", "tool_choice")
+    if body.get("metadata") is not None and not isinstance(body["metadata"], dict):
+        raise bad_request("'metadata' must be an object.", "metadata")
+    stops = body.get("stop_sequences")
+    if stops is not None and (not isinstance(stops, list)
+                              or not all(isinstance(s, str) for s in stops)):
+        raise bad_request("'stop_sequences' must be an array of strings.", "stop_sequences")
+
+
+SHAPE_CHECKS = {"chat": check_chat, "messages": check_anthropic_messages,
+                "messages_count_tokens": check_anthropic_messages}
+
+
+def validate_body(endpoint, body):
+    """Every check above that applies to `endpoint`; raises a 400 ApiError on the first miss."""
+    check_depth(body)
+    check_model_name(body.get("model"))
+    check_integers(body)
+    shape = SHAPE_CHECKS.get(endpoint)
+    if shape is not None:
+        shape(body)
