@@ -22,6 +22,11 @@ alias such as `gpt-4o-mini=fault-500` makes one channel fail while another works
                    Content-Length), or a stream of 200 events of 10 KB each
   fault-usage-*    a normal answer whose usage numbers are garbage: fault-usage-huge (1e30),
                    fault-usage-negative, fault-usage-string ("lots"), fault-usage-float (12.7)
+  fault-leak-key   HTTP 400 whose message quotes the Authorization header it received
+  fault-leak-key-500  the same as HTTP 500 (retryable: it reaches the 502 detail)
+  fault-leak-host  HTTP 500 naming an internal host as a chained proxy would (urllib3's text)
+  fault-leak-stream   streams 2 events, then an error event quoting the Authorization header
+A request the fake cannot process (wrong types anywhere) gets a 400, as a real provider answers.
 Usage is deterministic: prompt_tokens = 3 + words in the request's text,
 completion_tokens = words answered; `fake_cached: N` in the body reports N cached tokens.
 Transcriptions report whisper's `{"type": "duration", "seconds": 2.4}` usage, or token usage
@@ -112,9 +117,25 @@ def fault_response(model):
                      "invalid_request_error")
     if model == "fault-401":
         return error(401, "Incorrect API key provided: sk-ups***cret.", "invalid_request_error")
+    if model in ("fault-leak-key", "fault-leak-key-500"):
+        received = request.headers.get("Authorization", "")
+        return error(400 if model == "fault-leak-key" else 500,
+                     f"Incorrect API key provided: {received}. You can find your API key at "
+                     f"https://platform.openai.com/account/api-keys?key={received[7:]}.",
+                     "invalid_request_error", )
+    if model == "fault-leak-host":
+        return error(500, LEAKED_HOST_TEXT, "server_error")
     if model == "fault-timeout":
         time.sleep(10)
     return None
+
+
+# What urllib3 says when a proxy in front of a model server cannot reach it.
+LEAKED_HOST_TEXT = (
+    "HTTPConnectionPool(host='10.1.2.3', port=8081): Max retries exceeded with url: "
+    "/v1/chat/completions (Caused by NewConnectionError('<urllib3.connection.HTTPConnection "
+    "object at 0x7f3a2c1b5d10>: Failed to establish a new connection: [Errno 111] Connection "
+    "refused')) via http://127.0.0.1:4000/internal")
 
 
 def with_faults(view):
@@ -172,6 +193,15 @@ def huge_json_body(base):
 
 def _stream(path, events, model):
     return Response(stream_events(path, events, model), content_type="text/event-stream")
+
+
+@app.errorhandler(Exception)
+def unprocessable(err):
+    """A body the fake cannot read (wrong types anywhere) is the client's fault, as upstream."""
+    if getattr(err, "code", None):  # werkzeug's own HTTP errors keep their status
+        return err
+    return error(400, f"The fake upstream could not process this request: "
+                 f"{type(err).__name__}.", "invalid_request_error")
 
 
 @app.before_request
@@ -246,6 +276,11 @@ def chat():
     events = [sse(chunk({"role": "assistant", "content": ""}))]
     if model == "fault-malformed":
         events.append(b"data: {not json\n\n")
+    if model == "fault-leak-stream":
+        events.append(sse(chunk({"content": "Partial"})))
+        events.append(sse({"error": {"message": "upstream auth failed for "
+                                     + request.headers.get("Authorization", ""),
+                                     "type": "server_error"}}))
     if call_tool:
         first = {"index": 0, "id": tool_call["id"], "type": "function",
                  "function": {"name": tool_call["function"]["name"], "arguments": ""}}

@@ -8,6 +8,7 @@ fault-break, fault-malformed, fault-nousage, fault-long), plus:
                       Gemini: an {"error": ...} event after three events
   fault-overloaded    Anthropic: a stream whose first event is an overloaded `error`
   fault-blocked       Gemini: promptFeedback.blockReason SAFETY and no candidates
+  fault-leak-key      Anthropic: a 400 quoting the x-api-key header it received
 Anthropic: `fake_cached: N` / `fake_cache_write: M` in the body report N cache-read and
 M cache-write tokens (out of the same prompt total). Gemini: a top-level `fake_cached`
 reports cachedContentTokenCount (the gateway never sends it; for direct posts only).
@@ -61,6 +62,9 @@ def _anthropic_fault(model):
                                 "The fake upstream rejected this request: bad parameter.")
     if model == "fault-401":
         return _anthropic_error(401, "authentication_error", "invalid x-api-key")
+    if model == "fault-leak-key":
+        return _anthropic_error(400, "invalid_request_error",
+                                f"invalid x-api-key: {request.headers.get('x-api-key')}")
     if model == "fault-timeout":
         time.sleep(10)
     return None

@@ -83,11 +83,52 @@ def _check_blocks(content, param):
             _check_blocks(block["content"], param)
 
 
+def _check_parts(content):
+    """OpenAI message content: null, a string, or an array of parts (objects with a type)."""
+    if content is None or isinstance(content, str):
+        return
+    for part in _objects(content, "messages", "content part"):
+        if not isinstance(part.get("type"), str):
+            raise bad_request("Each content part needs a string 'type'.", "messages")
+        if part["type"] in ("text", "input_text") and not isinstance(part.get("text", ""), str):
+            raise bad_request("A text part's 'text' must be a string.", "messages")
+
+
+def _is_function_ref(value):
+    return isinstance(value, dict) and isinstance(value.get("function"), dict) \
+        and isinstance(value["function"].get("name"), str)
+
+
 def check_chat(body):
-    """OpenAI chat: `messages` is an array of objects, each with a string `role`."""
+    """OpenAI chat, as its API reference types the fields every converter walks: messages
+    (objects with a string role; content null, a string or parts; tool_calls objects with a
+    function), tools, tool_choice, stop and response_format."""
     for message in _objects(body["messages"], "messages", "message"):
         if not isinstance(message.get("role"), str):
             raise bad_request("Each message needs a string 'role'.", "messages")
+        _check_parts(message.get("content"))
+        calls = message.get("tool_calls")
+        if calls is not None and not all(isinstance(c, dict) and
+                                         isinstance(c.get("function", {}), dict)
+                                         for c in _objects(calls, "messages", "tool call")):
+            raise bad_request("Each tool call's 'function' must be an object.", "messages")
+    tools = body.get("tools")
+    if tools is not None:
+        for tool in _objects(tools, "tools", "tool"):
+            if tool.get("type", "function") == "function" and not _is_function_ref(tool):
+                raise bad_request("Each function tool needs a 'function' object with a string "
+                                  "'name'.", "tools")
+    choice = body.get("tool_choice")
+    if choice is not None and not isinstance(choice, str):
+        if not isinstance(choice, dict) or (choice.get("type") == "function"
+                                            and not _is_function_ref(choice)):
+            raise bad_request("'tool_choice' must be a string or a tool object.", "tool_choice")
+    stop = body.get("stop")
+    if stop is not None and not isinstance(stop, str) and (
+            not isinstance(stop, list) or not all(isinstance(s, str) for s in stop)):
+        raise bad_request("'stop' must be a string or an array of strings.", "stop")
+    if body.get("response_format") is not None and not isinstance(body["response_format"], dict):
+        raise bad_request("'response_format' must be an object.", "response_format")
 
 
 def check_anthropic_messages(body):

@@ -39,6 +39,20 @@ def _bad_request(message, param=None):
     return ApiError(400, "invalid_request_error", message, param=param)
 
 
+def _object(value):
+    """`value` if it is a JSON object, else an empty one (for optional nested fields)."""
+    return value if isinstance(value, dict) else {}
+
+
+def _objects(value, param):
+    """`value` as a list of JSON objects (None: empty), else a 400 naming `param`."""
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
+        raise _bad_request(f"'{param}' must be an array of objects.", param)
+    return value
+
+
 # --- shared small pieces ------------------------------------------------------------------
 
 def parse_data_url(url):
@@ -57,12 +71,15 @@ def text_of(content):
         return ""
     if isinstance(content, str):
         return content
+    if not isinstance(content, list):
+        return ""
     pieces = []
     for part in content:
         if isinstance(part, str):
             pieces.append(part)
         elif isinstance(part, dict) and part.get("type") in ("text", "input_text", "output_text"):
-            pieces.append(part.get("text") or "")
+            text = part.get("text")
+            pieces.append(text if isinstance(text, str) else "")
     return "".join(pieces)
 
 
@@ -104,7 +121,7 @@ def _anthropic_blocks(content):
     if isinstance(content, str):
         return [{"type": "text", "text": content}] if content else []
     blocks = []
-    for part in content:
+    for part in _objects(content, "messages"):
         kind = part.get("type")
         if kind in ("text", "input_text"):
             if part.get("text"):
@@ -141,7 +158,8 @@ def _anthropic_tool_choice(choice, parallel):
         result = {"type": "any"}
     elif choice == "none":
         return {"type": "none"}
-    elif isinstance(choice, dict) and choice.get("type") == "function":
+    elif isinstance(choice, dict) and choice.get("type") == "function" \
+            and isinstance(choice.get("function"), dict) and choice["function"].get("name"):
         result = {"type": "tool", "name": choice["function"]["name"]}
     else:
         raise _bad_request(f"Unsupported tool_choice {choice!r}.", "tool_choice")
@@ -158,7 +176,7 @@ def openai_to_anthropic_request(body, upstream_model, output_cap=None):
     """
     system = []
     messages = []
-    for message in body.get("messages") or []:
+    for message in _objects(body.get("messages"), "messages"):
         role = message.get("role")
         if role in ("system", "developer"):
             text = text_of(message.get("content"))
@@ -168,8 +186,8 @@ def openai_to_anthropic_request(body, upstream_model, output_cap=None):
             _append_turn(messages, "user", _anthropic_blocks(message.get("content")))
         elif role == "assistant":
             blocks = _anthropic_blocks(message.get("content"))
-            for call in message.get("tool_calls") or []:
-                function = call.get("function") or {}
+            for call in _objects(message.get("tool_calls"), "messages"):
+                function = call.get("function") if isinstance(call.get("function"), dict) else {}
                 blocks.append({"type": "tool_use", "id": call.get("id") or _new_id("toolu_"),
                                "name": function.get("name", ""),
                                "input": loads_object(function.get("arguments"))})
@@ -193,7 +211,11 @@ def openai_to_anthropic_request(body, upstream_model, output_cap=None):
     stop = body.get("stop")
     if stop:
         out["stop_sequences"] = [stop] if isinstance(stop, str) else list(stop)
-    tools = [t for t in body.get("tools") or [] if t.get("type", "function") == "function"]
+    tools = [t for t in _objects(body.get("tools"), "tools")
+             if t.get("type", "function") == "function"]
+    if not all(isinstance(t.get("function"), dict) and isinstance(t["function"].get("name"), str)
+               for t in tools):
+        raise _bad_request("Each function tool needs a 'function' object with a 'name'.", "tools")
     if tools:
         out["tools"] = [{"name": t["function"]["name"],
                          "description": t["function"].get("description", ""),
@@ -395,15 +417,17 @@ def _openai_image(source):
 def _openai_parts(blocks):
     """Anthropic text/image/document blocks as OpenAI content parts."""
     parts = []
-    for block in blocks:
+    for block in _objects(blocks, "messages"):
         kind = block.get("type")
         if kind == "text":
+            if not isinstance(block.get("text", ""), str):
+                raise _bad_request("A text block's 'text' must be a string.", "messages")
             parts.append({"type": "text", "text": block.get("text", "")})
         elif kind == "image":
-            parts.append(_openai_image(block.get("source") or {}))
+            parts.append(_openai_image(_object(block.get("source"))))
         elif kind == "document":
-            source = block.get("source") or {}
-            if source.get("type") == "text":
+            source = _object(block.get("source"))
+            if source.get("type") == "text" and isinstance(source.get("data", ""), str):
                 parts.append({"type": "text", "text": source.get("data", "")})
             elif source.get("type") == "base64":
                 parts.append({"type": "file", "file": {
@@ -435,11 +459,12 @@ def _tool_result_text(content):
 
 def _openai_messages(messages):
     out = []
-    for message in messages:
+    for message in _objects(messages, "messages"):
         role, content = message.get("role"), message.get("content")
         if isinstance(content, str):
             out.append({"role": role, "content": content})
             continue
+        content = _objects(content, "messages")
         if role == "assistant":
             tool_calls = [{"id": b.get("id"), "type": "function",
                            "function": {"name": b.get("name"),
@@ -466,6 +491,8 @@ def _openai_messages(messages):
 
 
 def _openai_tool_choice(choice):
+    if not isinstance(choice, dict):
+        raise _bad_request("'tool_choice' must be an object.", "tool_choice")
     kind = choice.get("type")
     if kind == "auto":
         return "auto"
@@ -484,7 +511,8 @@ def anthropic_to_openai_request(body):
     system = body.get("system")
     if system:
         if not isinstance(system, str):
-            system = "\n\n".join(b.get("text", "") for b in system if b.get("type") == "text")
+            system = "\n\n".join(b.get("text", "") for b in _objects(system, "system")
+                                 if b.get("type") == "text")
         messages.append({"role": "system", "content": system})
     messages.extend(_openai_messages(body.get("messages") or []))
     out = {"model": body.get("model"), "messages": messages}
@@ -494,8 +522,10 @@ def anthropic_to_openai_request(body):
         if body.get(field) is not None:
             out[field] = body[field]
     if body.get("stop_sequences"):
+        if not isinstance(body["stop_sequences"], list):
+            raise _bad_request("'stop_sequences' must be an array of strings.", "stop_sequences")
         out["stop"] = list(body["stop_sequences"])
-    tools = body.get("tools") or []
+    tools = _objects(body.get("tools"), "tools")
     if tools:
         converted = []
         for tool in tools:
@@ -508,11 +538,14 @@ def anthropic_to_openai_request(body):
         out["tools"] = converted
     choice = body.get("tool_choice")
     if choice:
+        if not isinstance(choice, dict):
+            raise _bad_request("'tool_choice' must be an object.", "tool_choice")
         if tools or choice.get("type") == "none":
             out["tool_choice"] = _openai_tool_choice(choice)
         if choice.get("disable_parallel_tool_use") and tools:
             out["parallel_tool_calls"] = False
-    user = (body.get("metadata") or {}).get("user_id")
+    metadata = body.get("metadata")
+    user = metadata.get("user_id") if isinstance(metadata, dict) else None
     if user:
         out["user"] = user
     if body.get("stream"):
