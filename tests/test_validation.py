@@ -22,13 +22,6 @@ def nested(depth):
 
 
 @pytest.mark.parametrize("endpoint, body, param", [
-    ("chat", dict(CHAT, max_tokens=2**63), "max_tokens"),
-    ("chat", dict(CHAT, max_tokens=0), "max_tokens"),
-    ("chat", dict(CHAT, max_tokens=1.5), "max_tokens"),
-    ("chat", dict(CHAT, max_tokens=True), "max_tokens"),
-    ("chat", dict(CHAT, max_completion_tokens="100"), "max_completion_tokens"),
-    ("responses", {"model": "m", "input": "x", "max_output_tokens": -1}, "max_output_tokens"),
-    ("chat", dict(CHAT, n=1000), "n"),
     ("chat", dict(CHAT, model="\ud800"), "model"),
     ("chat", dict(CHAT, model="gpt\x00"), "model"),
     ("chat", dict(CHAT, model="gpt\u202e"), "model"),
@@ -65,7 +58,7 @@ def test_deep_nesting_is_400_without_recursion():
 
 
 @pytest.mark.parametrize("endpoint, body", [
-    ("chat", dict(CHAT, max_tokens=None, n=2, max_completion_tokens=2**31 - 1,
+    ("chat", dict(CHAT, max_tokens=None, n=2,
                   tools=[{"type": "function", "function": {"name": "f"}}],
                   tool_choice={"type": "function", "function": {"name": "f"}},
                   stop=["x"], response_format={"type": "json_object"})),
@@ -101,6 +94,12 @@ HOSTILE = [  # (path, raw body, the param the 400 names)
     ("/v1/chat/completions", MAX_TOKENS_2_63, "max_tokens"),
     ("/v1/responses", '{"model":"gpt-4o-mini","input":"hi","max_output_tokens":1e30}',
      "max_output_tokens"),
+    ("/v1/chat/completions", '{"model":"gpt-4o-mini","max_completion_tokens":true,'
+     '"messages":[{"role":"user","content":"hi"}]}', "max_completion_tokens"),
+    ("/v1/completions", '{"model":"gpt-4o-mini","prompt":"hi","max_tokens":"100"}', "max_tokens"),
+    ("/v1/chat/completions", '{"model":"gpt-4o-mini","n":1000,'
+     '"messages":[{"role":"user","content":"hi"}]}', "n"),
+    ("/v1/images/generations", '{"model":"gpt-4o-mini","prompt":"a cat","n":-1}', "n"),
     ("/v1/chat/completions", '{"model":"\\ud800","messages":[{"role":"user","content":"hi"}]}',
      "model"),
     ("/v1/embeddings", '{"model":"gpt\\u0000","input":"hi"}', "model"),
