@@ -7,6 +7,7 @@ from flask import Blueprint, g, jsonify, request
 
 import billing
 from blueprints.api.errors import ApiError, uses_anthropic_shape
+from blueprints.api.openapi import openapi_document
 from blueprints.api.relay import authenticate, count_message_tokens, relay
 from extensions import db
 from models import ApiKey, Channel, ChannelModel
@@ -77,6 +78,12 @@ def messages():
 @bp.post("/messages/count_tokens")
 def messages_count_tokens():
     return jsonify(count_message_tokens())
+
+
+@bp.get("/openapi.json")
+def openapi_json():
+    """The OpenAPI 3 description of these routes (no key needed: it holds no secrets)."""
+    return jsonify(openapi_document())
 
 
 # --- models -------------------------------------------------------------------------------
