@@ -11,7 +11,6 @@ import os
 import random
 import time
 
-import pytest
 import requests
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, seed, settings
@@ -27,6 +26,7 @@ EXAMPLES_PER_OPERATION = 80  # per route and generation mode: 14 x 2 x 80 = 2,24
 LOGGED = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses",
           "/v1/images/generations", "/v1/audio/speech", "/v1/audio/transcriptions",
           "/v1/audio/translations", "/v1/messages")
+ARTIFACTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "artifacts")
 SCHEMA_CHECKS = (not_a_server_error, status_code_conformance, content_type_conformance,
                  response_schema_conformance)
 
@@ -165,13 +165,16 @@ def test_fuzz_every_v1_route(live, capsys):
     logged = {row["request_id"] for row in rows}
     missing = [rid for rid in relayed if rid not in logged]
 
-    with capsys.disabled():
-        print(f"\n[fuzz] seed {run_seed}: {cases} cases in {elapsed:.1f} s "
-              f"({spent['http']:.1f} s waiting for the gateway, {spent['checks']:.1f} s "
-              f"checking, the rest generating); "
-              f"statuses {dict(sorted(statuses.items()))}; {len(relayed)} relayed, "
-              f"{len(relayed) - len(missing)} with their log row")
-        print("[fuzz] per route: " + ", ".join(f"{k} {v}" for k, v in sorted(per_route.items())))
+    figures = (f"[fuzz] seed {run_seed}: {cases} cases in {elapsed:.1f} s "
+               f"({spent['http']:.1f} s waiting for the gateway, {spent['checks']:.1f} s "
+               f"checking, the rest generating); statuses {dict(sorted(statuses.items()))}; "
+               f"{len(relayed)} relayed, {len(relayed) - len(missing)} with their log row\n"
+               "[fuzz] per route: " + ", ".join(f"{k} {v}" for k, v in sorted(per_route.items())))
+    with capsys.disabled():  # shown even when pytest captures output (not under xdist)
+        print("\n" + figures)
+    os.makedirs(ARTIFACTS, exist_ok=True)  # ...and kept for xdist runs, where it is not
+    with open(os.path.join(ARTIFACTS, "fuzz_v1.txt"), "w") as out:
+        out.write(figures + "\n")
     assert cases >= 2000, f"only {cases} cases generated"
     assert not [s for s in statuses if s >= 500], f"5xx answers: {dict(statuses)}"
     kinds = collections.Counter(p.split(": ", 2)[0] + ": " + p.split(": ", 2)[1][:80]
