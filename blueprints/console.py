@@ -34,7 +34,11 @@ def console_notices():
     if not current_user.is_authenticated:
         return {}
     notices = {}
-    if current_user.available_micro <= 0 and not request.path.startswith("/admin"):
+    # Members see it everywhere but admin pages; an admin (who may never call the API) only
+    # where calls start: the overview and the keys.
+    pages = ("/", "/keys") if current_user.is_admin else None
+    if current_user.available_micro <= 0 and not request.path.startswith("/admin") and \
+            (pages is None or request.path in pages):
         notices["no_credits"] = {"admins": [] if current_user.is_admin else admin_contacts()}
     if current_user.is_admin and \
             Setting.get(BOOTSTRAP_PASSWORD_SETTING) == current_user.password_hash:
