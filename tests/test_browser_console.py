@@ -102,8 +102,8 @@ def test_member_sees_sdk_calls_in_logs_csv_and_dashboard(live, page, tmp_path):
 
     # Dashboard: Plotly charts drawn from our own static bundle, with the calls in them.
     page.click("nav.nav a:has-text('Dashboard')")
-    page.click(".tabs a:has-text('7 days')")
-    page.wait_for_url("**/dashboard?days=7")
+    page.click("nav[aria-label=Range] a:has-text('7 days')")
+    page.wait_for_url("**/dashboard?days=7**")
     expect(page.locator(".js-plotly-plot")).to_have_count(5)
     traces = page.evaluate(
         "Array.from(document.querySelectorAll('.js-plotly-plot')).map(el => el.data.length)")
