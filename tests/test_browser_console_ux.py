@@ -203,7 +203,7 @@ def test_member_from_zero_credits_to_a_logged_failure(live, browser, tmp_path):
 
 
 def _grant(email, micro):
-    from blueprints.api.billing import grant_credits
+    from billing import grant_credits
     grant_credits(_user_id(email), micro, kind="grant", note="welcome")
 
 

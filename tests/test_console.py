@@ -182,7 +182,7 @@ def test_key_buttons_say_which_key(app, client, factory):
 # --- codes: revoke (finding 12) -------------------------------------------------------------
 
 def test_revoked_code_cannot_be_redeemed(app, client, admin, factory):
-    from blueprints.api.billing import create_codes, redeem_code
+    from billing import create_codes, redeem_code
     with app.app_context():
         code, used = create_codes(1_000_000, 2)
         member = factory.user(MEMBER)

@@ -1,14 +1,14 @@
 """console: channel test results, revoked redemption codes
 
 Revision ID: 0004_console
-Revises: 0001
+Revises: 0002_money
 """
 from alembic import op
 import sqlalchemy as sa
 
 
 revision = "0004_console"
-down_revision = "0001"
+down_revision = "0002_money"  # chained after main's 0002 (the brief said 0001; main moved on)
 branch_labels = None
 depends_on = None
 
