@@ -313,3 +313,29 @@ def test_top_ten_folds_the_rest_into_other():
     assert by_requests[-1].requests == sum(range(1, 6))
     by_credits = top_n(usages, "credits")  # keys that spent nothing are not bars of zero
     assert len(by_credits) == 7 and all(u.credits_micro for u in by_credits)
+
+
+# --- accessibility and polish (findings 10 and 13) --------------------------------------------
+
+def test_skip_link_comes_first_and_charts_have_text(app, client, factory):
+    user_id = factory.user(MEMBER)
+    login_session(client, user_id)
+    with app.app_context():
+        insert_logs([{"user_id": user_id, "created_at": utcnow()}])
+    html = client.get("/dashboard").get_data(as_text=True)
+    body = html[html.index("<body"):]
+    assert body.index('class="skip-link" href="#content"') < body.index("<nav")
+    assert '<main class="main" id="content"' in html and 'aria-live="polite"' in html
+    for chart in ("requests", "tokens", "credits", "models", "keys"):
+        assert re.search(rf'<figure class="chart-figure" aria-labelledby="h-{chart}" '
+                         rf'aria-describedby="d-{chart}">', html)
+        assert f'id="d-{chart}"' in html
+    assert 'id="daily-table"' in html
+
+
+def test_ledger_rows_without_a_request_show_a_dash_not_an_empty_box(app, client, factory):
+    login_session(client, factory.user(MEMBER, credits=5))
+    html = client.get("/wallet").get_data(as_text=True)
+    assert "<code></code>" not in html
+    row = html[html.index('id="ledger"'):]
+    assert "—" in row[:row.index("</tbody>")]
