@@ -53,9 +53,13 @@ def create_app(test_config=None):
 
     import errors
     errors.register(app)
+    import security_headers
+    security_headers.register(app)
     import cli
     cli.register(app)
     app.jinja_env.filters["credits"] = format_credits
+    from blueprints import console
+    console.register(app)
 
     @app.get("/healthz")
     def healthz():

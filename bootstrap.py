@@ -3,7 +3,10 @@ import secrets
 
 from encryption import SecretUnreadable
 from extensions import db
-from models import ApiKey, Channel, Group, ModelPrice, User
+from models import ApiKey, Channel, Group, ModelPrice, Setting, User
+
+# The printed first-admin password's hash; the console asks to change it while it matches.
+BOOTSTRAP_PASSWORD_SETTING = "bootstrap_password_hash"
 
 DEFAULT_GROUP = "default"
 STARTER_MODEL = "tokenopen-mock"
@@ -70,6 +73,8 @@ def bootstrap_admin(app):
     email = app.config["ADMIN_EMAIL"] or "admin@localhost"
     password = app.config["ADMIN_PASSWORD"] or secrets.token_urlsafe(12)
     admin = create_user(email, password, is_admin=True)
+    if not app.config["ADMIN_PASSWORD"]:  # printed once: the console asks to change it
+        Setting.put(BOOTSTRAP_PASSWORD_SETTING, admin.password_hash)
     starter_key = ensure_starter_channel(admin)
     db.session.commit()
     return email, (None if app.config["ADMIN_PASSWORD"] else password), starter_key

@@ -180,6 +180,10 @@ class Channel(db.Model):
     cooldown_until: Mapped[datetime | None]
     last_error: Mapped[str | None] = mapped_column(Text)
     last_test_ms: Mapped[int | None]
+    # The console's Test button: when it last ran and whether it passed (None: never, or
+    # the channel was edited since, so the old result no longer says anything).
+    last_test_at: Mapped[datetime | None]
+    last_test_ok: Mapped[bool | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     model_rows: Mapped[list["ChannelModel"]] = relationship(
@@ -241,11 +245,13 @@ class Channel(db.Model):
         return (key[:3] + "…" + key[-4:]) if len(key) > 10 else ("…" if key else "")
 
     def health(self, now=None):
-        """'disabled', 'cooldown', 'degraded' or 'healthy'."""
+        """'disabled', 'cooldown', 'failing' (its last test failed), 'degraded' or 'healthy'."""
         if not self.enabled:
             return "disabled"
         if self.cooldown_until and self.cooldown_until > (now or utcnow()):
             return "cooldown"
+        if self.last_test_ok is False:
+            return "failing"
         return "degraded" if self.fail_count else "healthy"
 
 
@@ -350,6 +356,8 @@ class RedemptionCode(db.Model):
     expires_at: Mapped[datetime | None]
     redeemed_by_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
     redeemed_at: Mapped[datetime | None]
+    # An admin revoked it before use; revoking also sets expires_at, which redeeming checks.
+    revoked_at: Mapped[datetime | None]
 
     @staticmethod
     def new_code():

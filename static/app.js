@@ -1,4 +1,5 @@
-// TokenOpen console: copy buttons, confirm-before-submit, closing the account menu.
+// TokenOpen console: copy buttons, confirm-before-submit, tabs, expandable log rows,
+// table labels for phones, closing the account menu. No inline scripts anywhere (CSP).
 (function () {
   "use strict";
 
@@ -10,8 +11,7 @@
     var area = document.createElement("textarea");
     area.value = text;
     area.setAttribute("readonly", "");
-    area.style.position = "fixed";
-    area.style.opacity = "0";
+    area.className = "sr-only";
     document.body.appendChild(area);
     area.select();
     var ok = document.execCommand("copy");
@@ -19,21 +19,98 @@
     return ok ? Promise.resolve() : Promise.reject(new Error("copy refused"));
   }
 
-  document.addEventListener("click", function (event) {
-    var button = event.target.closest(".copy");
-    if (button) {
+  // Screen readers hear "Copied …" through the page's one polite live region.
+  function announce(text) {
+    var region = document.getElementById("live-status");
+    if (!region) return;
+    region.textContent = "";
+    setTimeout(function () { region.textContent = text; }, 30);
+  }
+
+  function copyFrom(button) {
+    var text = button.getAttribute("data-copy");
+    if (text === null) {
       var pre = button.parentElement.querySelector("pre");
       if (!pre) return;
-      var label = button.textContent;
-      copyText(pre.textContent.trim()).then(function () {
-        button.textContent = "Copied";
-        button.classList.add("copied");
-      }, function () {
-        button.textContent = "Select and copy";
-      });
-      setTimeout(function () { button.textContent = label; button.classList.remove("copied"); }, 1600);
-      return;
+      text = pre.textContent.trim();
     }
+    var label = button.textContent;
+    copyText(text).then(function () {
+      button.textContent = "Copied";
+      button.classList.add("copied");
+      announce(button.getAttribute("data-copied") || "Copied");
+    }, function () {
+      button.textContent = "Select and copy";
+      announce("Copying failed; select the text and copy it");
+    });
+    setTimeout(function () { button.textContent = label; button.classList.remove("copied"); }, 1600);
+  }
+
+  // A log row's Details button shows the row after it (error, channel, tokens, cost, TTFT).
+  function toggleDetail(button) {
+    var row = document.getElementById(button.getAttribute("aria-controls"));
+    if (!row) return;
+    var open = button.getAttribute("aria-expanded") !== "true";
+    button.setAttribute("aria-expanded", open ? "true" : "false");
+    row.hidden = !open;
+  }
+
+  // Tabs (role=tablist): one panel shown at a time; without JavaScript every panel shows.
+  function selectTab(tab) {
+    var list = tab.closest("[role=tablist]");
+    list.querySelectorAll("[role=tab]").forEach(function (other) {
+      var selected = other === tab;
+      other.setAttribute("aria-selected", selected ? "true" : "false");
+      other.tabIndex = selected ? 0 : -1;
+      var panel = document.getElementById(other.getAttribute("aria-controls"));
+      if (panel) panel.hidden = !selected;
+    });
+  }
+
+  document.querySelectorAll("[role=tablist]").forEach(function (list) {
+    var tabs = list.querySelectorAll("[role=tab]");
+    if (!tabs.length) return;
+    list.hidden = false;
+    var chosen = list.querySelector("[role=tab][aria-selected=true]") || tabs[0];
+    selectTab(chosen);
+    list.addEventListener("keydown", function (event) {
+      var items = Array.prototype.slice.call(tabs);
+      var at = items.indexOf(document.activeElement);
+      if (at < 0) return;
+      var next = null;
+      if (event.key === "ArrowRight") next = items[(at + 1) % items.length];
+      if (event.key === "ArrowLeft") next = items[(at - 1 + items.length) % items.length];
+      if (event.key === "Home") next = items[0];
+      if (event.key === "End") next = items[items.length - 1];
+      if (next) { event.preventDefault(); selectTab(next); next.focus(); }
+    });
+  });
+
+  // Phones show tables as stacked rows; each cell is labelled with its column's header.
+  document.querySelectorAll("table.table").forEach(function (table) {
+    var heads = Array.prototype.map.call(table.querySelectorAll("thead th"), function (th) {
+      return th.textContent.trim();
+    });
+    if (!heads.length) return;
+    table.classList.add("stack");
+    table.querySelectorAll("tbody tr").forEach(function (tr) {
+      var column = 0;
+      Array.prototype.forEach.call(tr.children, function (cell) {
+        if (heads[column] && !cell.hasAttribute("data-label")) {
+          cell.setAttribute("data-label", heads[column]);
+        }
+        column += cell.colSpan || 1;
+      });
+    });
+  });
+
+  document.addEventListener("click", function (event) {
+    var button = event.target.closest(".copy");
+    if (button) { copyFrom(button); return; }
+    var toggle = event.target.closest("[data-toggle-detail]");
+    if (toggle) { toggleDetail(toggle); return; }
+    var tab = event.target.closest("[role=tab]");
+    if (tab) { event.preventDefault(); selectTab(tab); return; }
     // A click outside an open account menu closes it.
     document.querySelectorAll("details.account-menu[open]").forEach(function (menu) {
       if (!menu.contains(event.target)) menu.removeAttribute("open");

@@ -130,7 +130,7 @@ def test_members_get_403_on_every_admin_url(app, client, factory):
     factory.key(MEMBER)
     ids = {"channel_id": channel_id, "price_id": price_id, "user_id": member,
            "group_id": one(app, Group, name="default").id,
-           "key_id": one(app, ApiKey, user_id=member).id}
+           "key_id": one(app, ApiKey, user_id=member).id, "code_id": 1}
     urls = admin_urls(app, ids)
     assert len(urls) >= 30
     login(client, member)
@@ -357,7 +357,7 @@ def test_test_button_on_an_unreachable_channel_records_the_error(app, client, ad
 def test_upstream_keys_never_appear_in_any_admin_page(app, client, admin, factory):
     factory.channel("main", api_key=UPSTREAM_KEY, base_url="https://a.example")
     ids = {"channel_id": one(app, Channel, name="main").id, "user_id": admin,
-           "group_id": one(app, Group, name="default").id, "price_id": 1, "key_id": 1}
+           "group_id": one(app, Group, name="default").id, "price_id": 1, "key_id": 1, "code_id": 1}
     for method, url in admin_urls(app, ids):
         if method == "GET":
             html = client.get(url).get_data(as_text=True)
@@ -603,7 +603,7 @@ def test_manage_a_users_keys(app, client, admin, factory):
         "allowed_ips": "10.0.0.0/8", "rpm": "10"})
     assert response.status_code == 200
     html = response.get_data(as_text=True)
-    full_key = re.search(r'id="new-key".*?<pre class="code">(sk-[^<]+)</pre>', html, re.S).group(1)
+    full_key = re.search(r'id="new-key".*?<pre class="code"[^>]*>(sk-[^<]+)</pre>', html, re.S).group(1)
     key = one(app, ApiKey, user_id=member)
     assert key.hash_key(full_key) == key.key_hash
     assert (key.name, key.credit_limit_micro, key.models, key.allowed_ips, key.rpm) == (

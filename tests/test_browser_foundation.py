@@ -79,12 +79,13 @@ def test_register_login_create_key_once_then_disable(live, browser_page):
     page.click("#create input[type=submit]")
     page.wait_for_selector("#new-key")
     assert page.url == live.url + "/keys"  # the POST's entry became a plain GET of /keys
-    full_key = page.locator("#new-key pre.code").inner_text().strip()
+    full_key = page.locator("#new-key-value").inner_text().strip()
     assert re.fullmatch(r"sk-[A-Za-z0-9]{48}", full_key)
     [(key_hash, disabled, limit)] = live.run(_keys_of, EMAIL)
     assert key_hash == ApiKey.hash_key(full_key) and not disabled and limit == 5_000_000
-    page.click("#new-key .copy")
-    expect(page.locator("#new-key .copy")).to_have_text("Copied")
+    copy = page.get_by_role("button", name="Copy the new key")
+    copy.click()
+    expect(copy).to_have_text("Copied")
     assert page.evaluate("navigator.clipboard.readText()") == full_key
     shot(page, "4-key-created")
 

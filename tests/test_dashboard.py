@@ -70,10 +70,10 @@ def test_member_daily_series_equal_hand_computed_sums(client, usage):
     assert data["requests"] == [1, 0, 0, 0, 0, 0, 2]  # successes only; day -2 failed
     assert data["failed"] == [0, 0, 0, 0, 1, 0, 0]
     assert data["credits"] == [0.5, 0, 0, 0, 0, 0, 3.000011]
-    assert data["models"] == [
+    assert data["breakdowns"]["models"]["credits"] == [
         {"label": "gpt-4o", "requests": 2, "credits": 3.5, "tokens": 240},
         {"label": "gpt-4o-mini", "requests": 2, "credits": 0.000011, "tokens": 19}]
-    assert data["keys"] == [
+    assert data["breakdowns"]["keys"]["credits"] == [
         {"label": "laptop", "requests": 2, "credits": 3.000011, "tokens": 150},
         {"label": "ci", "requests": 2, "credits": 0.5, "tokens": 109}]
 
@@ -94,8 +94,9 @@ def test_admin_sees_everyone_or_only_themselves(client, usage):
     login_session(client, ids["admin"])
     data = chart_data(client.get("/dashboard?days=7"))
     assert sum(data["requests"]) + sum(data["failed"]) == 5
-    assert [m["label"] for m in data["models"]] == ["gpt-4o", "claude", "gpt-4o-mini"]
-    assert "bot · bob@example.com" in [k["label"] for k in data["keys"]]
+    assert [m["label"] for m in data["breakdowns"]["models"]["credits"]] == [
+        "gpt-4o", "claude", "gpt-4o-mini"]
+    assert "bot · bob@example.com" in [k["label"] for k in data["breakdowns"]["keys"]["credits"]]
     mine = client.get("/dashboard?days=7&scope=mine").get_data(as_text=True)
     assert "No requests in the last 7 days" in mine and "chart-data" not in mine
 
@@ -104,7 +105,7 @@ def test_member_cannot_see_everyone(client, usage):
     ids, _ = usage
     login_session(client, ids["bob"])
     data = chart_data(client.get("/dashboard?days=7&scope=all"))
-    assert [m["label"] for m in data["models"]] == ["claude"]
+    assert [m["label"] for m in data["breakdowns"]["models"]["credits"]] == ["claude"]
     assert "alice" not in client.get("/dashboard?scope=all").get_data(as_text=True)
 
 
@@ -159,7 +160,7 @@ def snippet(text, name):
     """The literal text of one quick-start snippet, as a browser would copy it."""
     import html
     block = text[text.index(f'id="snippet-{name}"'):]
-    return html.unescape(re.search(r'<pre class="code">(.*?)</pre>', block, re.S).group(1))
+    return html.unescape(re.search(r'<pre class="code"[^>]*>(.*?)</pre>', block, re.S).group(1))
 
 
 def test_quick_start_uses_the_request_host(client, usage):

@@ -96,11 +96,21 @@ def test_row_shows_every_spec_field(client, people):
     login_session(client, people["alice"])
     text = client.get("/logs?model=gpt-4o").get_data(as_text=True)
     row = text[text.index('data-request-id="a-old"'):]
-    row = row[:row.index("</tr>")]
-    cells = [re.sub(r"<[^>]+>", "", c).strip() for c in re.findall(r"<td[^>]*>(.*?)</td>", row, re.S)]
-    assert cells == ["2026-03-07 12:00:00", "a-old", "laptop", "gpt-4o", "openai-a",
-                     "/v1/chat/completions", "yes", "120", "30", "20", "0.001234", "Success",
-                     "200", "900 ms", "210 ms", "no"]
+    detail = row[row.index("</tr>") + 5:]
+    row, detail = row[:row.index("</tr>")], detail[:detail.index("</tr>")]
+
+    def clean(html):
+        return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", html)).strip()
+    cells = [clean(c) for c in re.findall(r"<td[^>]*>(.*?)</td>", row, re.S)]
+    # The row: what a person scans; Details: everything else the spec lists for a log row.
+    assert cells == ["2026-03-07 12:00:00", "gpt-4o laptop", "Success", "120 / 30",
+                     "0.001234", "900 ms", "Details"]
+    facts = dict(re.findall(r"<dt>(.*?)</dt><dd[^>]*>(.*?)</dd>", detail, re.S))
+    assert {k: clean(v) for k, v in facts.items()} == {
+        "Request ID": "a-old Copy", "Key": "laptop", "Channel": "openai-a",
+        "Endpoint": "/v1/chat/completions · stream", "HTTP status": "200",
+        "Tokens": "120 in (20 cached) · 30 out", "Cost": "0.001234 credits",
+        "Latency": "900 ms", "Time to first token": "210 ms"}
 
 
 def test_keyset_pagination_has_no_duplicates_or_gaps(app, client):

@@ -4,6 +4,7 @@ from urllib.parse import urlparse
 from flask_wtf import FlaskForm
 from wtforms import BooleanField, IntegerField, PasswordField, SelectField, StringField
 from wtforms.fields.choices import SelectChoice
+from wtforms.widgets import PasswordInput
 from wtforms.validators import (DataRequired, Email, InputRequired, Length, NumberRange,
                                 Optional, ValidationError)
 
@@ -64,8 +65,13 @@ class ChannelForm(FlaskForm):
     base_url = StringField("Base URL", validators=[Length(max=500)],
                            description="The provider's root, e.g. https://api.openai.com "
                                        "(a trailing /v1 is fine). Not needed for mock.")
+    # hide_value=False: a form sent back with an error keeps the key the admin typed,
+    # instead of dropping it silently (a GET of the edit page never fills it).
     api_key = PasswordField("API key", validators=[Length(max=4000)],
+                            widget=PasswordInput(hide_value=False),
                             render_kw={"autocomplete": "new-password"})
+    no_key = BooleanField("This upstream needs no API key",
+                          description="For Ollama, vLLM or a proxy without authentication.")
     models = StringField("Models", validators=[DataRequired()],
                          description="Comma-separated; pub=upstream serves an upstream model "
                                      "under another public name.")

@@ -27,12 +27,12 @@ from bootstrap import DEFAULT_GROUP, create_user
 from csv_export import csv_chunks
 from extensions import db
 from models import (ApiKey, Channel, ChannelModel, Group, LedgerEntry, ModelPrice, RedemptionCode,
-                    Setting, User, utcnow)
+                    Setting, UsageDaily, User, utcnow)
 from money import format_credits
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
 
-CODE_STATUSES = ("all", "unused", "redeemed", "expired")
+CODE_STATUSES = ("all", "unused", "redeemed", "expired", "revoked")
 NEW_CODE_BATCH = "admin_new_code_batch"  # session slot: the batch to show in full once
 
 
@@ -58,9 +58,32 @@ def index():
         "priced_models": db.session.scalar(db.select(func.count(ModelPrice.id))),
         "unpriced_models": len(unpriced_models()),
         "unused_codes": db.session.scalar(db.select(func.count(RedemptionCode.id)).where(
-            RedemptionCode.redeemed_at.is_(None))),
+            RedemptionCode.redeemed_at.is_(None), RedemptionCode.revoked_at.is_(None))),
     }
-    return render_template("admin/index.html", counts=counts)
+    return render_template("admin/index.html", counts=counts, steps=setup_steps(counts))
+
+
+def setup_steps(counts):
+    """The first-day checklist: connect a provider, test it, price its models, invite people."""
+    upstreams = db.session.scalar(db.select(func.count(Channel.id)).where(Channel.type != "mock"))
+    tested = db.session.scalar(db.select(func.count(Channel.id)).where(
+        Channel.last_test_ok.is_(True)))
+    codes = db.session.scalar(db.select(func.count(RedemptionCode.id)))
+    return [
+        {"id": "channel", "done": bool(upstreams), "title": "Connect a provider",
+         "text": "Add a channel with your OpenAI, Anthropic, Gemini or compatible API key.",
+         "url": url_for(".channel_new"), "action": "Add a channel"},
+        {"id": "test", "done": bool(tested), "title": "Test it",
+         "text": "Press Test on the channel: a one-token call proves the key and URL work.",
+         "url": url_for(".channels"), "action": "Open channels"},
+        {"id": "prices", "done": bool(counts["priced_models"]) and not counts["unpriced_models"],
+         "title": "Price its models",
+         "text": "A model without a price is refused; a price of 0 makes it free.",
+         "url": url_for(".prices"), "action": "Set prices"},
+        {"id": "invite", "done": counts["users"] > 1 or bool(codes), "title": "Invite your team",
+         "text": "Create accounts, or generate redemption codes that give credits to new members.",
+         "url": url_for(".codes"), "action": "Create codes"},
+    ]
 
 
 # --- channels ----------------------------------------------------------------------------
@@ -81,13 +104,29 @@ def _name_taken(model, name, own_id=None):
     return db.session.scalar(query) is not None
 
 
+def _key_given(form, channel):
+    """A channel is never saved without a key by accident: a blank key keeps the stored one,
+    and a channel with none at all needs the explicit "no API key" box (or type mock)."""
+    if form.api_key.data or form.no_key.data or form.type.data == "mock":
+        return True
+    if channel is not None and channel.api_key_stored:  # a key is stored (never decrypted here)
+        return True
+    form.api_key.errors.append("Enter the provider's API key, or tick “This upstream needs no "
+                               "API key” (e.g. Ollama or vLLM without auth).")
+    return False
+
+
 def _save_channel(form, channel):
     """Copy a validated ChannelForm onto `channel`; a blank key keeps the stored one."""
+    before = (channel.type, channel.base_url, channel.api_key, channel.models_spec
+              if channel.id else "")
     channel.name = form.name.data.strip()
     channel.type = form.type.data
     channel.base_url = form.base_url.data or ""
     if form.api_key.data:
         channel.api_key = form.api_key.data.strip()
+    elif form.no_key.data:
+        channel.api_key = ""
     channel.priority = form.priority.data
     channel.weight = form.weight.data
     channel.enabled = form.enabled.data
@@ -95,6 +134,8 @@ def _save_channel(form, channel):
                     for public, upstream in parse_models_spec(form.models.data))
     if spec != channel.models_spec:
         channel.set_models(spec)
+    if before != (channel.type, channel.base_url, channel.api_key, spec):
+        channel.last_test_ok = None  # an old test says nothing about new settings
 
 
 @bp.route("/channels/new", methods=["GET", "POST"])
@@ -102,7 +143,7 @@ def _save_channel(form, channel):
 def channel_new():
     """Add a channel."""
     form = ChannelForm()
-    if form.validate_on_submit():
+    if form.validate_on_submit() and _key_given(form, None):
         if _name_taken(Channel, form.name.data.strip()):
             form.name.errors.append("A channel with this name already exists.")
         else:
@@ -126,8 +167,10 @@ def channel_edit(channel_id):
     form = ChannelForm(data={
         "name": channel.name, "type": channel.type, "base_url": channel.base_url,
         "models": channel.models_spec, "priority": channel.priority, "weight": channel.weight,
-        "enabled": channel.enabled} if request.method == "GET" else None)
-    if form.validate_on_submit():
+        "enabled": channel.enabled,
+        "no_key": not channel.api_key_stored and channel.type != "mock",
+    } if request.method == "GET" else None)
+    if form.validate_on_submit() and _key_given(form, channel):
         if _name_taken(Channel, form.name.data.strip(), channel.id):
             form.name.errors.append("A channel with this name already exists.")
         else:
@@ -337,7 +380,27 @@ def users():
     if q:
         query = query.where(User.email.ilike(f"%{q.lower()}%"))
     page = paginate(query, request.args.get("page", 1, type=int), per_page=50)
-    return render_template("admin/users.html", page=page, q=q)
+    return render_template("admin/users.html", page=page, q=q,
+                           activity=user_activity([u.id for u in page.items]))
+
+
+SPEND_DAYS = 30
+
+
+def user_activity(user_ids):
+    """{user_id: (credits spent in the last 30 days, last active time)} for one page of users,
+    from the daily rollup and the keys' last use: two grouped queries, not one per user."""
+    if not user_ids:
+        return {}
+    since = (utcnow() - timedelta(days=SPEND_DAYS - 1)).date().isoformat()
+    spent = dict(db.session.execute(
+        db.select(UsageDaily.user_id, func.sum(UsageDaily.credits_micro))
+        .where(UsageDaily.user_id.in_(user_ids), UsageDaily.day >= since)
+        .group_by(UsageDaily.user_id)).all())
+    last = dict(db.session.execute(
+        db.select(ApiKey.user_id, func.max(ApiKey.last_used_at))
+        .where(ApiKey.user_id.in_(user_ids)).group_by(ApiKey.user_id)).all())
+    return {uid: (int(spent.get(uid) or 0), last.get(uid)) for uid in user_ids}
 
 
 @bp.route("/users/new", methods=["GET", "POST"])
@@ -556,19 +619,24 @@ def _codes_query(status, batch):
         query = query.where(RedemptionCode.batch == batch)
     unredeemed = RedemptionCode.redeemed_at.is_(None)
     live = or_(RedemptionCode.expires_at.is_(None), RedemptionCode.expires_at > now)
+    revoked = RedemptionCode.revoked_at.is_not(None)
     if status == "unused":
-        query = query.where(unredeemed, live)
+        query = query.where(unredeemed, live, ~revoked)
     elif status == "redeemed":
         query = query.where(~unredeemed)
     elif status == "expired":
-        query = query.where(unredeemed, ~live)
+        query = query.where(unredeemed, ~live, ~revoked)
+    elif status == "revoked":
+        query = query.where(unredeemed, revoked)
     return query
 
 
 def code_status(code, now=None):
-    """'redeemed', 'expired' or 'unused'."""
+    """'redeemed', 'revoked', 'expired' or 'unused'."""
     if code.redeemed_at is not None or code.redeemed_by_id is not None:
         return "redeemed"
+    if code.revoked_at is not None:
+        return "revoked"
     if code.expires_at is not None and code.expires_at <= (now or utcnow()):
         return "expired"
     return "unused"
@@ -622,6 +690,33 @@ def codes():
               f"{format_credits(form.amount.micro)} credits each.", "ok")
         return redirect(url_for(".codes", _anchor="new-codes"))
     return _codes_page(form, status=400 if form.is_submitted() else 200)
+
+
+@bp.post("/codes/<int:code_id>/revoke")
+@admin_required
+def code_revoke(code_id):
+    """Revoke an unused code. It also expires now, which redeeming already refuses, so a
+    revoked code can never be redeemed, even by a request racing this one."""
+    now = utcnow()
+    revoked = db.session.execute(
+        db.update(RedemptionCode).where(RedemptionCode.id == code_id,
+                                        RedemptionCode.redeemed_at.is_(None),
+                                        RedemptionCode.revoked_at.is_(None))
+        .values(revoked_at=now, expires_at=now)).rowcount
+    db.session.commit()
+    code = db.get_or_404(RedemptionCode, code_id)
+    if revoked:
+        flash(f"Code {code.code[:8]}… is revoked; it can no longer be redeemed.", "ok")
+    else:
+        flash(f"Code {code.code[:8]}… was not revoked: it is already {code_status(code, now)}.",
+              "error")
+    return redirect(request.referrer if _from_codes_page() else url_for(".codes"))
+
+
+def _from_codes_page():
+    """True when the Referer is this admin's own codes page (so the filter is kept)."""
+    ref = request.referrer or ""
+    return ref.startswith(request.host_url.rstrip("/") + url_for(".codes"))
 
 
 @bp.get("/codes.csv")

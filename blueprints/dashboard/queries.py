@@ -17,8 +17,14 @@ def day_list(days, today=None):
     return [(today - timedelta(days=back)).isoformat() for back in range(days - 1, -1, -1)]
 
 
-def usage_scope(viewer, everyone):
-    """WHERE clauses limiting UsageDaily to what `viewer` may chart."""
+TOP_N = 10
+
+
+def usage_scope(viewer, everyone, user_id=None):
+    """WHERE clauses limiting UsageDaily to what `viewer` may chart: everyone's or one user's
+    (admins), else the viewer's own."""
+    if viewer.is_admin and user_id:
+        return [UsageDaily.user_id == user_id]
     return [] if everyone and viewer.is_admin else [UsageDaily.user_id == viewer.id]
 
 
@@ -48,6 +54,36 @@ class Usage:
     def credits(self):
         """Credits as a float, for charts only (money math stays integral)."""
         return self.credits_micro / MICRO
+
+    @property
+    def tokens(self):
+        return self.prompt_tokens + self.completion_tokens
+
+    def add(self, other):
+        """Sum `other` into this one (folding the tail of a breakdown into "other")."""
+        self.requests += other.requests
+        self.failed += other.failed
+        self.prompt_tokens += other.prompt_tokens
+        self.completion_tokens += other.completion_tokens
+        self.credits_micro += other.credits_micro
+        return self
+
+
+METRICS = {"credits": "credits_micro", "requests": "requests", "tokens": "tokens"}
+
+
+def top_n(usages, metric, n=TOP_N):
+    """The `n` largest by `metric`, then one "other (k more)" row summing the rest, so a team
+    of 60 keys draws 11 bars, not 60. Rows with nothing to show for `metric` are left out."""
+    attr = METRICS[metric]
+    ranked = sorted((u for u in usages if getattr(u, attr)), key=lambda u: -getattr(u, attr))
+    head, tail = ranked[:n], ranked[n:]
+    if tail:
+        other = Usage(f"other ({len(tail)} more)")
+        for usage in tail:
+            other.add(usage)
+        head.append(other)
+    return head
 
 
 def daily_usage(scope, days):
@@ -85,6 +121,17 @@ def usage_by_key(scope, days, with_owner=False):
             label = f"{label} · {row[1]}"
         usage.append(Usage.from_row(label, row[2:]))
     return usage
+
+
+def usage_by_user(scope, days):
+    """Usage per user over the range (admins' team view), most credits first."""
+    since = day_list(days)[0]
+    rows = db.session.execute(
+        select(func.max(User.email), *_totals())
+        .outerjoin(User, User.id == UsageDaily.user_id)
+        .where(*scope, UsageDaily.day >= since).group_by(UsageDaily.user_id)
+        .order_by(func.sum(UsageDaily.credits_micro).desc())).all()
+    return [Usage.from_row(row[0] or "(deleted user)", row[1:]) for row in rows]
 
 
 def today_usage(user_id):

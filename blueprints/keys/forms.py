@@ -1,13 +1,13 @@
-"""The create-key form; its fields turn into ApiKey columns through `key_fields`."""
+"""The create- and edit-key forms; their fields turn into ApiKey columns through `key_fields`."""
 import ipaddress
-from datetime import timedelta
+from datetime import datetime, time, timedelta
 
 from flask_wtf import FlaskForm
-from wtforms import IntegerField, StringField, SubmitField
+from wtforms import DateField, IntegerField, StringField, SubmitField
 from wtforms.validators import InputRequired, Length, NumberRange, Optional, ValidationError
 
 from models import MAX_EXPIRY_DAYS, MAX_RPM, split_list, utcnow
-from money import parse_credits
+from money import format_credits, parse_credits
 
 
 def parse_networks(text):
@@ -63,3 +63,30 @@ class CreateKeyForm(FlaskForm):
             "allowed_ips": ",".join(networks) or None,
             "rpm": self.rpm.data or 0,
         }
+
+
+class EditKeyForm(CreateKeyForm):
+    """Rename a key or change its limits; expiry is a date here, since the key already exists."""
+    expires_on = DateField("Expires on (UTC)", validators=[Optional()],
+                           description="The key stops working at the start of this day. "
+                                       "Empty: never expires.")
+    submit = SubmitField("Save key")
+
+    @classmethod
+    def for_key(cls, key):
+        """The form filled from `key`'s current settings."""
+        form = cls(formdata=None, name=key.name,
+                   expires_on=key.expires_at.date() if key.expires_at else None,
+                   credit_limit=format_credits(key.credit_limit_micro)
+                   if key.credit_limit_micro is not None else "",
+                   models=", ".join(key.model_list), allowed_ips=", ".join(key.ip_list),
+                   rpm=key.rpm)
+        return form
+
+    def key_fields(self):
+        """As CreateKeyForm's, with the expiry from the date field."""
+        self.expires_days.data = None
+        values = super().key_fields()
+        values["expires_at"] = (datetime.combine(self.expires_on.data, time.min)
+                                if self.expires_on.data else None)
+        return values

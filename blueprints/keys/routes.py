@@ -1,8 +1,9 @@
-"""Console pages: the member's API keys (list, create, disable, enable, delete)."""
-from flask import Blueprint, flash, redirect, render_template, url_for
+"""Console pages: the member's API keys (list, create, edit, disable, enable, delete)."""
+from flask import Blueprint, current_app, flash, redirect, render_template, request, url_for
 from flask_login import current_user, login_required
 
-from blueprints.keys.forms import CreateKeyForm
+from blueprints.keys.forms import CreateKeyForm, EditKeyForm
+from blueprints.dashboard.queries import quickstart_model
 from blueprints.queries import get_owned_or_404
 from extensions import db
 from models import ApiKey, utcnow
@@ -15,8 +16,10 @@ def _own_keys():
 
 
 def _render(form, status=200, new_key=None):
+    base_url = (current_app.config.get("PUBLIC_URL") or request.host_url).rstrip("/")
     return render_template("keys/index.html", keys=_own_keys(), form=form, new_key=new_key,
-                           now=utcnow()), status
+                           now=utcnow(), api_base=base_url + "/v1",
+                           model=quickstart_model(current_user)), status
 
 
 @bp.get("/keys")
@@ -40,6 +43,25 @@ def create():
     db.session.commit()
     return _render(CreateKeyForm(formdata=None), 201,
                    new_key={"id": key.id, "name": key.name, "key": full_key})
+
+
+@bp.route("/keys/<int:key_id>/edit", methods=["GET", "POST"])
+@login_required
+def edit(key_id):
+    """Rename a key or change its expiry, credit limit, rate limit, models and IP ranges."""
+    key = get_owned_or_404(ApiKey, key_id, current_user)
+    form = EditKeyForm() if request.method == "POST" else EditKeyForm.for_key(key)
+    if form.validate_on_submit():
+        key.name = form.name.data.strip()
+        for column, value in form.key_fields().items():
+            setattr(key, column, value)
+        db.session.commit()
+        flash(f"Key “{key.name}” is saved.", "ok")
+        if key.user_id != current_user.id:  # an admin editing a member's key
+            return redirect(url_for("admin.user_detail", user_id=key.user_id, _anchor="keys"))
+        return redirect(url_for("keys.index"))
+    status = 400 if form.is_submitted() else 200
+    return render_template("keys/edit.html", form=form, key=key, now=utcnow()), status
 
 
 def _set_disabled(key_id, disabled):

@@ -1,9 +1,9 @@
 """The SQL behind /logs and /logs.csv: filters, keyset pages, and the CSV rows."""
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from datetime import date, datetime, timedelta
 from decimal import Decimal
 
-from sqlalchemy import and_, false, or_, select
+from sqlalchemy import and_, false, func, or_, select
 
 from extensions import db
 from models import RequestLog, UsageDaily, User
@@ -13,10 +13,21 @@ STATUSES = ("Success", "Failed", "Timeout")
 PER_PAGE = 50
 
 
-def _date(text):
-    """'2026-01-31' -> date, anything else -> None (a bad filter is ignored, not an error)."""
+def _date(text, label, errors):
+    """'2026-01-31' -> date; blank -> None; anything else -> None and a message in `errors`."""
+    text = (text or "").strip()
+    if not text:
+        return None
     try:
-        return date.fromisoformat((text or "").strip())
+        return date.fromisoformat(text)
+    except ValueError:
+        errors.append(f"“{text[:40]}” is not a date; write the {label} date as YYYY-MM-DD.")
+        return None
+
+
+def _int(text):
+    try:
+        return int((text or "").strip())
     except ValueError:
         return None
 
@@ -30,21 +41,28 @@ class LogFilters:
     key: str = ""
     status: str = ""
     user: str = ""  # an email; honoured for admins only
+    key_id: int | None = None  # one key of one member (admins: names repeat across members)
+    errors: list = field(default_factory=list, compare=False)  # filters that were refused
 
     @classmethod
     def from_args(cls, args, is_admin):
         """Read the filters from query parameters (the same for the page and the CSV)."""
         status = args.get("status", "").strip()
-        return cls(date_from=_date(args.get("from")), date_to=_date(args.get("to")),
+        errors = []
+        return cls(date_from=_date(args.get("from"), "from", errors),
+                   date_to=_date(args.get("to"), "to", errors),
                    model=args.get("model", "").strip(), key=args.get("key", "").strip(),
                    status=status if status in STATUSES else "",
-                   user=args.get("user", "").strip().lower() if is_admin else "")
+                   user=args.get("user", "").strip().lower() if is_admin else "",
+                   key_id=_int(args.get("key_id")) if is_admin else None, errors=errors)
 
     def as_args(self):
         """The filters back as query parameters, without the empty ones."""
         names = {"date_from": "from", "date_to": "to"}
         args = {}
         for field in fields(self):
+            if field.name == "errors":
+                continue
             value = getattr(self, field.name)
             if value:
                 args[names.get(field.name, field.name)] = (
@@ -71,6 +89,8 @@ def filtered_logs(viewer, filters):
         query = query.where(RequestLog.model == filters.model)
     if filters.key:
         query = query.where(RequestLog.key_name == filters.key)
+    if filters.key_id:
+        query = query.where(RequestLog.key_id == filters.key_id)
     if filters.status:
         query = query.where(RequestLog.status == filters.status)
     return query.order_by(RequestLog.created_at.desc(), RequestLog.id.desc())
@@ -113,12 +133,21 @@ def log_page(query, before=None, per_page=PER_PAGE):
 
 
 def filter_choices(viewer):
-    """Models and key names for the filter drop-downs, from the small rollup table."""
+    """Models and keys for the filter drop-downs, from the small rollup table. Members get key
+    names; admins get (key_id, "name · owner") pairs, since every member may have a "laptop"."""
     scope = [] if viewer.is_admin else [UsageDaily.user_id == viewer.id]
     models = db.session.scalars(select(UsageDaily.model).where(*scope, UsageDaily.model != "")
                                 .distinct().order_by(UsageDaily.model)).all()
-    keys = db.session.scalars(select(UsageDaily.key_name).where(*scope, UsageDaily.key_name != "")
-                              .distinct().order_by(UsageDaily.key_name)).all()
+    if not viewer.is_admin:
+        keys = db.session.scalars(select(UsageDaily.key_name).where(
+            *scope, UsageDaily.key_name != "").distinct().order_by(UsageDaily.key_name)).all()
+        return models, keys
+    rows = db.session.execute(
+        select(UsageDaily.key_id, func.max(UsageDaily.key_name), func.max(User.email))
+        .outerjoin(User, User.id == UsageDaily.user_id)
+        .where(UsageDaily.key_id != 0).group_by(UsageDaily.key_id)).all()
+    keys = sorted(((key_id, f"{name} · {email or 'deleted user'}") for key_id, name, email in rows),
+                  key=lambda pair: pair[1].lower())
     return models, keys
 
 
