@@ -197,16 +197,17 @@ def wrk(target, connections, duration):
     env = dict(os.environ, BENCH_BODY=json.dumps(BODY), BENCH_AUTH=target.auth)
     threads = 1 if connections == 1 else 2
     out = subprocess.run(["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{duration}s",
-                          "--timeout", "10s", "-s", os.path.join(BENCH, "lua", "post.lua"),
+                          "--timeout", "30s", "-s", os.path.join(BENCH, "lua", "post.lua"),
                           target.url], env=env, capture_output=True, text=True,
                          timeout=duration + 60)
     line = next(l for l in out.stdout.splitlines() if l.startswith("BENCH_JSON "))
     raw = json.loads(line[len("BENCH_JSON "):])
-    errors = sum(v for k, v in raw.items() if k.startswith("errors_"))
-    return {"connections": connections, "requests": raw["requests"],
+    errors = {k[len("errors_"):]: v for k, v in raw.items() if k.startswith("errors_") and v}
+    return {"connections": connections, "duration_s": duration, "requests": raw["requests"],
             "rps": round(raw["requests"] / (raw["duration_us"] / 1e6), 1),
             "p50_ms": raw["p50"] / 1000, "p95_ms": raw["p95"] / 1000,
-            "p99_ms": raw["p99"] / 1000, "max_ms": raw["max"] / 1000, "errors": errors}
+            "p99_ms": raw["p99"] / 1000, "max_ms": raw["max"] / 1000,
+            "errors": sum(errors.values()), "errors_by_kind": errors}
 
 
 def pct(values, p):
@@ -306,20 +307,36 @@ def burst(target, streams, timeout):
 
 def measure(target, args):
     """Every figure of one target, with a short warm-up first."""
-    print(f"-- {target.name}: warm-up, then sequential / 50 / 200 connections "
-          f"({args.duration} s each) and {args.ttft_streams} streams", flush=True)
+    print(f"-- {target.name}: warm-up, sequential / 50 / 200 connections and "
+          f"{args.ttft_streams} streams", flush=True)
     wrk(target, 4, 1)
     ttft(target, 5)
-    figures = {"sequential": wrk(target, 1, args.duration),
-               "c50": wrk(target, 50, args.duration),
-               "c200": wrk(target, 200, args.duration),
-               "ttft": ttft(target, args.ttft_streams)}
+    figures = {"sequential": wrk(target, 1, args.duration)}
+    # wrk counts the requests that finish inside its window, and a saturated server finishes
+    # its first ones only after about connections / throughput seconds: the window must be
+    # several times that (here 5x, at most 20 s) or the rate reads low.
+    for name, connections, basis in (("c50", 50, "sequential"), ("c200", 200, "c50")):
+        rate = max(figures[basis]["rps"], 1)
+        figures[name] = wrk(target, connections,
+                            max(args.duration, min(20, round(5 * connections / rate))))
+    figures["ttft"] = ttft(target, args.ttft_streams)
     if target.worker_pid:
         figures["rss_after_load_mb"] = round(rss_mb(target.worker_pid), 1)
+    print(f"   {target.name}: " + ", ".join(
+        f"{k} p50 {figures[k]['p50_ms']:.2f} ms {figures[k].get('rps', '')}"
+        for k in ("sequential", "c50", "c200", "ttft")), flush=True)
     return figures
 
 
 # --- report -------------------------------------------------------------------------------
+
+def _errors(fig):
+    """' (N errors: kind n, ...)' when wrk saw any (a timeout is a reply slower than 30 s)."""
+    if not fig.get("errors"):
+        return ""
+    kinds = ", ".join(f"{k} {v}" for k, v in fig.get("errors_by_kind", {}).items())
+    return f" ({fig['errors']} errors{': ' + kinds if kinds else ''})"
+
 
 def table(results):
     """The markdown table of one run (added = this target minus direct)."""
@@ -334,23 +351,23 @@ def table(results):
             text = " / ".join(f"{fig[k]:.2f}" for k in keys) + " ms"
         else:
             text = " / ".join(f"+{fig[k] - direct[section][k]:.2f}" for k in keys) + " ms"
-        return text + (f" ({fig['errors']} errors)" if fig.get("errors") else "")
+        return text + _errors(fig)
 
     def rps(name, section):
         fig = results["targets"][name][section]
         text = f"{fig['rps']:,.0f}"
-        if name == "tokenopen" and "litellm" in results["targets"]:
+        if name == "tokenopen" and results["targets"].get("litellm", {}).get(section, {}).get("rps"):
             text += f" ({fig['rps'] / results['targets']['litellm'][section]['rps']:.1f}× LiteLLM)"
-        return text + (f" ({fig['errors']} errors)" if fig.get("errors") else "")
+        return text + _errors(fig)
     keys = ("p50_ms", "p95_ms", "p99_ms")
     rows = [
-        ("added latency p50 / p95 / p99, sequential, non-stream",
+        ("latency p50 / p95 / p99, sequential, non-stream (direct; others: added)",
          [cell(n, "sequential", keys) for n in measured]),
-        ("added latency p50 / p95 / p99 at 50 connections",
+        ("latency p50 / p95 / p99 at 50 connections (direct; others: added)",
          [cell(n, "c50", keys) for n in measured]),
         ("requests/s at 50 connections", [rps(n, "c50") for n in measured]),
         ("requests/s at 200 connections", [rps(n, "c200") for n in measured]),
-        ("TTFT added p50 / p95 / p99, stream (sequential)",
+        ("time to first token p50 / p95 / p99, sequential streams (direct; others: added)",
          [cell(n, "ttft", keys) for n in measured]),
     ]
     idle = [f"{results['targets'][n]['rss_idle_mb']:.0f} MB"
@@ -397,9 +414,15 @@ def main():
     parser.add_argument("--slow-interval", type=float, default=1.0,
                         help="seconds between chunks of a burst stream")
     parser.add_argument("--slow-chunks", type=int, default=5, help="tokens per burst stream")
+    parser.add_argument("--report", metavar="JSON",
+                        help="only print the table of a saved run (e.g. bench/results/latest.json)")
     parser.add_argument("--no-readme", action="store_true",
                         help="do not refresh bench/README.md even after a full run")
     args = parser.parse_args()
+    if args.report:
+        with open(args.report) as fh:
+            print(table(json.load(fh)))
+        return
     wanted = [t for t in args.only.split(",") if t]
     unknown = set(wanted) - set(TARGETS)
     if unknown:
@@ -453,12 +476,12 @@ def main():
     finally:
         for proc in reversed(procs):
             stop(proc)
-    results["elapsed_s"] = round(time.time() - began, 1)
+        results["elapsed_s"] = round(time.time() - began, 1)
+        os.makedirs(RESULTS, exist_ok=True)
+        with open(os.path.join(RESULTS, "latest.json"), "w") as fh:
+            json.dump(results, fh, indent=2)
 
     markdown = table(results)
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, "latest.json"), "w") as fh:
-        json.dump(results, fh, indent=2)
     with open(os.path.join(RESULTS, "latest.md"), "w") as fh:
         fh.write(f"{results['date']}\n\n{markdown}\n")
     print("\n" + markdown + f"\n\n(bench took {results['elapsed_s']} s; "
