@@ -392,7 +392,8 @@ def update_readme(markdown, results):
     path = os.path.join(BENCH, "README.md")
     with open(path) as fh:
         text = fh.read()
-    block = (f"<!-- bench:latest -->\nLatest full run: {results['date']}, "
+    block = (f"<!-- bench:latest -->\nLatest full run: {results['date']}, commit "
+             f"{results.get('commit', '?')}, "
              f"{results['machine']['cpus']} CPUs, load average before the run "
              f"{results['machine']['load_before']}; {results['settings']['duration_s']} s per "
              f"wrk run, fake upstream alone: {results['targets']['direct']['c50']['rps']:,.0f} "
@@ -438,7 +439,10 @@ def main():
         print(f"LiteLLM skipped: {skipped['litellm']}", flush=True)
 
     workdir = tempfile.mkdtemp(prefix="tokenopen-bench-")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                            capture_output=True, text=True).stdout.strip()
     results = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+               "commit": commit,
                "machine": {"cpus": os.cpu_count(),
                            "load_before": round(os.getloadavg()[0], 2)},
                "settings": {"duration_s": args.duration, "ttft_streams": args.ttft_streams,
