@@ -7,7 +7,7 @@ HOST    ?= 127.0.0.1
 PORT    ?= 8000
 PYTEST_ARGS ?= -n 2
 
-.PHONY: run test setup deps test-deps browser services migration clean
+.PHONY: run test setup deps test-deps browser services migration clean bench bench-litellm wrk
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -37,6 +37,25 @@ run: setup
 
 test: test-deps browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Speed, measured here and never in `make test` (bench/README.md): the fake upstream direct,
+# the LiteLLM proxy and TokenOpen side by side in one run. `make bench BENCH_ARGS="--help"`.
+BENCH_ARGS ?=
+LITELLM_VENV := bench/.litellm-venv
+
+# The LiteLLM proxy we compare against, in its own venv (its pins are not ours).
+$(LITELLM_VENV)/bin/litellm:
+	$(PY) -m venv $(LITELLM_VENV)
+	$(LITELLM_VENV)/bin/pip install -q 'litellm[proxy]==1.106.12'
+
+bench-litellm: $(LITELLM_VENV)/bin/litellm
+
+wrk:
+	@command -v wrk >/dev/null || { (apt-get update -qq || true) && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
+
+bench: deps wrk
+	@$(MAKE) --no-print-directory bench-litellm || echo "LiteLLM proxy not installed: direct vs TokenOpen only"
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 # A new migration revision for a models.py change: `make migration MSG="add x to y"`.
 # It diffs models.py against a scratch database upgraded to the current head.

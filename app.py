@@ -9,7 +9,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 from config import load_config
 from encryption import secret_box
-from extensions import csrf, db, limiter, login_manager, migrate
+from extensions import csrf, db, limiter, login_manager
 from money import format_credits
 
 
@@ -27,7 +27,6 @@ def create_app(test_config=None):
 
     app.session_interface = SessionCookies()
     db.init_app(app)
-    migrate.init_app(app, db, directory=os.path.join(app.root_path, "migrations"))
     login_manager.init_app(app)
     login_manager.login_view = "auth.login"
 

@@ -6,6 +6,7 @@ if not os.environ.get("FLASK_RUN_FROM_CLI"):
 
     monkey.patch_all()
 
+import blueprints.api.relay  # noqa: E402,F401 - load the hot path now, not on the first request
 from app import create_app  # noqa: E402
 
 app = create_app()

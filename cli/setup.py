@@ -3,17 +3,36 @@ import os
 
 import click
 from flask import current_app
-from flask_migrate import upgrade
+from flask.cli import ScriptInfo
 
 from bootstrap import STARTER_MODEL, bootstrap_admin, ensure_default_group, reencrypt_channel_keys
-from extensions import db
+from extensions import bind_migrations, db
+
+
+class MigrationCommands(click.Group):
+    """`flask db ...`: Flask-Migrate's command group, imported only when it runs."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        bind_migrations(parent.find_object(ScriptInfo).load_app())
+        from flask_migrate.cli import db as commands
+        # Click invokes the context's own command: from here on it is Flask-Migrate's group.
+        return commands.make_context(info_name, args, parent=parent, **extra)
+
+
+def upgrade_database():
+    """Migrate the current app's database to the latest revision."""
+    bind_migrations(current_app)
+    from flask_migrate import upgrade
+    upgrade()
 
 
 def register(app):
+    app.cli.add_command(MigrationCommands("db", help="Perform database migrations."))
+
     @app.cli.command("init-db")
     def init_db():
         """Create or migrate the database to the latest schema (idempotent)."""
-        upgrade()
+        upgrade_database()
         ensure_default_group()
         db.session.commit()
         _encrypt_channel_keys()
@@ -22,7 +41,7 @@ def register(app):
     @app.cli.command("bootstrap")
     def bootstrap():
         """Migrate, then create the first admin if none exists and print its password once."""
-        upgrade()
+        upgrade_database()
         created = bootstrap_admin(current_app)
         _encrypt_channel_keys()
         if created:

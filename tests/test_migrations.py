@@ -2,8 +2,8 @@
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from flask_migrate import upgrade
 
+from cli.setup import upgrade_database
 from tests.support import drop_postgres_database, postgres_database_url
 
 
@@ -22,8 +22,8 @@ def test_migrations_build_the_models_schema(migrated_url):
     from extensions import db
     app = create_app({"SQLALCHEMY_DATABASE_URI": migrated_url, "SECRET_KEY": "test"})
     with app.app_context():
-        upgrade()
-        upgrade()  # idempotent: a second start changes nothing
+        upgrade_database()
+        upgrade_database()  # idempotent: a second start changes nothing
         with db.engine.connect() as conn:
             diff = compare_metadata(MigrationContext.configure(conn), db.metadata)
         db.engine.dispose()

@@ -8,11 +8,30 @@ from flask import Blueprint, g, jsonify, request
 import billing
 from blueprints.api.errors import ApiError, uses_anthropic_shape
 from blueprints.api.openapi import openapi_document
-from blueprints.api.relay import authenticate, count_message_tokens, relay
 from extensions import db
 from models import ApiKey, Channel, ChannelModel
 
 bp = Blueprint("api", __name__, url_prefix="/v1")
+
+
+# The relay and its upstream clients are imported on first use, so the admin CLI builds the
+# app without them; wsgi.py imports them up front, before a worker's first request.
+def relay(endpoint):
+    """Run the relay pipeline for `endpoint`."""
+    from blueprints.api.relay import relay as run
+    return run(endpoint)
+
+
+def authenticate():
+    """The request's API key (401 otherwise)."""
+    from blueprints.api.relay import authenticate as check
+    return check()
+
+
+def count_message_tokens():
+    """The /v1/messages/count_tokens answer."""
+    from blueprints.api.relay import count_message_tokens as count
+    return count()
 
 
 @bp.before_app_request
