@@ -36,7 +36,7 @@ def load_config(instance_path, env=None):
         # Flask-Limiter storage: exact in memory with one worker, shared in Redis.
         "RATELIMIT_STORAGE_URI": redis_url or "memory://",
         "RATELIMIT_HEADERS_ENABLED": False,
-        # Fixed windows count every token even past a TPM limit (see blueprints/api/limits.py).
+        # Fixed windows count every token even past a TPM limit (see rate_limits.py).
         "RATELIMIT_STRATEGY": "fixed-window",
         "ADMIN_EMAIL": env.get("TOKENOPEN_ADMIN_EMAIL") or None,
         "ADMIN_PASSWORD": env.get("TOKENOPEN_ADMIN_PASSWORD") or None,

@@ -14,9 +14,9 @@ from flask import Response, current_app, g, request, stream_with_context
 from sqlalchemy import update
 
 from blueprints.api import billing
-from blueprints.api.cache import TTLCache
+from cache import TTLCache
 from blueprints.api.errors import ApiError, stream_error_event, uses_anthropic_shape
-from blueprints.api.limits import admit, count_tokens
+from rate_limits import RateLimited, admit, count_tokens
 from blueprints.api.providers import build_adaptor
 from blueprints.api.providers.base import Call, StreamBroken, UpstreamFailure, Usage
 from blueprints.api.request_log import add_request_log
@@ -89,7 +89,11 @@ def relay(endpoint):
         authorize(flight.key, flight.call.model)
         flight.price = price_of(flight.call.model)
         key = flight.key
-        admit(key.user_id, key.group_rpm, key.group_tpm, key.id, key.rpm, key.tpm)
+        try:
+            admit(key.user_id, key.group_rpm, key.group_tpm, key.id, key.rpm, key.tpm)
+        except RateLimited as refused:
+            raise ApiError(429, refused.code, refused.message,
+                           headers={"Retry-After": str(refused.retry_after)}) from None
         flight.hold = reserve(flight)
         route, reply, first_chunk = forward(flight)
     except ApiError as err:

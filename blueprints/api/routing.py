@@ -6,7 +6,7 @@ from datetime import timedelta
 from flask import current_app
 from sqlalchemy import update
 
-from blueprints.api.cache import TTLCache
+from cache import TTLCache
 from blueprints.api.providers.base import Target
 from extensions import db
 from models import Channel, ChannelModel, utcnow

@@ -10,7 +10,6 @@ import time
 
 from limits import RateLimitItemPerMinute
 
-from blueprints.api.errors import ApiError
 from extensions import limiter
 
 
@@ -19,10 +18,19 @@ def _retry_after(item, scope, identity):
     return max(1, math.ceil(reset_at - time.time()))
 
 
+class RateLimited(Exception):
+    """A request refused by a limit; the relay answers it as 429 with Retry-After."""
+
+    def __init__(self, message, retry_after, code="rate_limit_exceeded"):
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+        self.code = code
+
+
 def _refuse(what, limit, who, retry_after):
-    return ApiError(429, "rate_limit_exceeded",
-                    f"Rate limit of {limit} {what} per minute for {who} reached; "
-                    f"retry in {retry_after} s.", headers={"Retry-After": str(retry_after)})
+    return RateLimited(f"Rate limit of {limit} {what} per minute for {who} reached; "
+                       f"retry in {retry_after} s.", retry_after)
 
 
 def admit(user_id, group_rpm, group_tpm, key_id, key_rpm, key_tpm):
