@@ -22,6 +22,14 @@ def _secret_key(instance_path):
         return key
 
 
+def _engine_options(database_url):
+    """A dead PostgreSQL must fail a request in seconds (503), not hang it."""
+    options = {"pool_pre_ping": True}
+    if database_url.startswith("postgresql"):
+        options.update(pool_timeout=5, connect_args={"connect_timeout": 3})
+    return options
+
+
 def load_config(instance_path, env=None):
     """Return the app settings: defaults, overridden by TOKENOPEN_* variables."""
     env = os.environ if env is None else env
@@ -56,10 +64,18 @@ def load_config(instance_path, env=None):
         # A reservation older than this belongs to a dead worker and is released.
         "RESERVATION_TTL": _int(env, "TOKENOPEN_RESERVATION_TTL", 0) or None,
         "SWEEP_INTERVAL": _int(env, "TOKENOPEN_SWEEP_INTERVAL", 60),
+        # Requests in flight hold a slot on a lease the relay renews; a dead worker's lapse.
+        "LIMIT_LEASE_SECONDS": _int(env, "TOKENOPEN_LIMIT_LEASE_SECONDS", 30),
+        "METRICS_TOKEN": env.get("TOKENOPEN_METRICS_TOKEN") or None,
+        "LOG_RETENTION_DAYS": _int(env, "TOKENOPEN_LOG_RETENTION_DAYS", 0),
+        # A dead Redis must not take the console's login limiting down with it.
+        "RATELIMIT_SWALLOW_ERRORS": True,
+        "RATELIMIT_IN_MEMORY_FALLBACK_ENABLED": True,
+        "RATELIMIT_STORAGE_OPTIONS": {"socket_timeout": 0.5, "socket_connect_timeout": 0.5},
         "LOGIN_LIMIT": env.get("TOKENOPEN_LOGIN_LIMIT", "10 per minute"),
         "WTF_CSRF_TIME_LIMIT": None,
         "SESSION_COOKIE_HTTPONLY": True,
         "SESSION_COOKIE_SAMESITE": "Lax",
         "REMEMBER_COOKIE_HTTPONLY": True,
-        "SQLALCHEMY_ENGINE_OPTIONS": {"pool_pre_ping": True},
+        "SQLALCHEMY_ENGINE_OPTIONS": _engine_options(database_url),
     }

@@ -16,7 +16,8 @@ from sqlalchemy import update
 from blueprints.api import billing
 from cache import TTLCache
 from blueprints.api.errors import ApiError, stream_error_event, uses_anthropic_shape
-from rate_limits import RateLimited, admit, count_tokens
+import metrics
+import rate_limits
 from blueprints.api.providers import build_adaptor
 from blueprints.api.providers.base import Call, StreamBroken, UpstreamFailure, Usage
 from blueprints.api.request_log import add_request_log
@@ -32,6 +33,8 @@ REQUIRED_FIELDS = {
     "messages": ("messages", "max_tokens"), "messages_count_tokens": ("messages",),
 }
 MULTIPART_ENDPOINTS = ("audio_transcriptions", "audio_translations")
+# Endpoints whose answer is generated tokens (TPM admits their output cap too).
+OUTPUT_ENDPOINTS = ("chat", "completions", "responses", "messages")
 
 LAST_USED_RESOLUTION = 60  # seconds
 _last_used_written = {}  # key hash -> monotonic time this worker last wrote last_used_at
@@ -52,10 +55,12 @@ class KeyInfo:
     networks: tuple
     rpm: int
     tpm: int
+    concurrency: int
     user_disabled: bool
     group_models: str
     group_rpm: int
     group_tpm: int
+    group_concurrency: int
     multiplier_ppm: int
 
     def may_use(self, model):
@@ -76,6 +81,7 @@ class Flight:
     hold: object = None
     route: object = None
     ttft_ms: int | None = None
+    admission: object = None  # rate_limits.Admission: TPM reservation and concurrency slots
 
 
 # --- the pipeline ------------------------------------------------------------------------
@@ -83,17 +89,13 @@ class Flight:
 def relay(endpoint):
     """Serve one /v1 request end to end."""
     flight = Flight(endpoint, g.request_id, time.monotonic())
+    metrics.request_started()
     try:
         flight.key = authenticate()
         flight.call = parse_call(endpoint, flight.request_id)
         authorize(flight.key, flight.call.model)
         flight.price = price_of(flight.call.model)
-        key = flight.key
-        try:
-            admit(key.user_id, key.group_rpm, key.group_tpm, key.id, key.rpm, key.tpm)
-        except RateLimited as refused:
-            raise ApiError(429, refused.code, refused.message,
-                           headers={"Retry-After": str(refused.retry_after)}) from None
+        flight.admission = admit(flight)
         flight.hold = reserve(flight)
         route, reply, first_chunk = forward(flight)
     except ApiError as err:
@@ -115,6 +117,8 @@ def count_message_tokens():
     key = authenticate()
     call = parse_call("messages_count_tokens", g.request_id)
     authorize(key, call.model)
+    admission = admit(Flight("messages_count_tokens", g.request_id, time.monotonic(), key, call))
+    rate_limits.release(admission)
     return count_tokens(call.body)
 
 
@@ -152,8 +156,10 @@ def _load_key(key_hash):
     return KeyInfo(id=row.id, hash=key_hash, name=row.name, user_id=user.id, disabled=row.disabled,
                    expires_at=row.expires_at, models=tuple(row.model_list),
                    networks=tuple(networks), rpm=row.rpm or 0, tpm=row.tpm or 0,
+                   concurrency=row.concurrency or 0,
                    user_disabled=user.disabled, group_models=group.models,
                    group_rpm=group.rpm or 0, group_tpm=group.tpm or 0,
+                   group_concurrency=group.concurrency or 0,
                    multiplier_ppm=group.multiplier_ppm)
 
 
@@ -240,6 +246,29 @@ def price_of(model):
                        f"The model `{model}` has no price set yet; ask an admin to set one.",
                        param="model")
     return price
+
+
+def admit(flight):
+    """429 unless the key's, then the user's RPM, TPM and concurrency limits all let the
+    request in (it is then counted against all of them; a refused one against none)."""
+    key, call = flight.key, flight.call
+    tokens = 0
+    if key.tpm or key.group_tpm:  # TPM admits the prompt estimate plus the output cap
+        flight.prompt_estimate = estimate_prompt_tokens(call.body)
+        cap = requested_output_cap(call.body, _default_output_cap()) \
+            if flight.endpoint in OUTPUT_ENDPOINTS else 0
+        tokens = flight.prompt_estimate + cap
+    parties = (rate_limits.Party("key", key.id, key.rpm, key.tpm, key.concurrency, "this key"),
+               rate_limits.Party("user", key.user_id, key.group_rpm, key.group_tpm,
+                                 key.group_concurrency, "your group"))
+    try:
+        admission = rate_limits.admit(flight.request_id, parties, tokens)
+    except rate_limits.RateLimited as refused:
+        g.rate_limit_headers = refused.headers
+        raise ApiError(429, refused.code, refused.message,
+                       headers={"Retry-After": str(refused.retry_after)}) from None
+    g.rate_limit_headers = rate_limits.headers(admission)
+    return admission
 
 
 def reserve(flight):
@@ -371,18 +400,26 @@ def deliver_stream(flight, reply, first_chunk):
 def finish(flight, reply, status, http_status, error=None):
     """Settle the credits, write the log row and count tokens. Never raises: the response
     is already out, and a hold left behind by a failure here is released by the sweeper."""
+    usage, charged = Usage(), 0
     try:
         usage, estimated = _metered_usage(flight, reply)
         charged, state = settle(flight, reply, usage, estimated)
         write_log(flight, usage, charged, state, estimated, status, http_status, error)
         db.session.commit()
-        key = flight.key
-        if key is not None and (key.group_tpm or key.tpm):
-            count_tokens(key.user_id, key.group_tpm, key.id, key.tpm,
-                         usage.prompt_tokens + usage.completion_tokens)
     except Exception:  # noqa: BLE001
         db.session.rollback()
         current_app.logger.exception("could not settle/log request %s", flight.request_id)
+    finally:
+        release_limits(flight, usage)
+        metrics.observe_request(flight, usage, charged, http_status)
+
+
+def release_limits(flight, usage):
+    """Give back the concurrency slots and correct the TPM reservation to the actual tokens."""
+    try:
+        rate_limits.release(flight.admission, usage.prompt_tokens + usage.completion_tokens)
+    except Exception:  # noqa: BLE001 - the response is out; a lapsed lease frees the slots
+        current_app.logger.exception("could not release the limits of %s", flight.request_id)
 
 
 def settle(flight, reply, usage, estimated):
