@@ -15,6 +15,7 @@ from sqlalchemy import update
 
 from blueprints.api import billing
 from cache import TTLCache
+from blueprints.api.client_watch import ClientGone, wait_for
 from blueprints.api.errors import ApiError, stream_error_event, uses_anthropic_shape
 import metrics
 import rate_limits
@@ -296,9 +297,16 @@ def forward(flight):
     for route in choose_channels(flight.call.model):
         adaptor = build_adaptor(route.target)
         reply = None
+        renew = lambda: rate_limits.renew(flight.admission)  # noqa: E731
         try:
-            reply = adaptor.send(flight.call)
-            first_chunk = next(reply.chunks(), b"") if reply.is_stream else None
+            reply = wait_for(lambda: adaptor.send(flight.call), renew)
+            first_chunk = wait_for(lambda: next(reply.chunks(), b""), renew) \
+                if reply.is_stream else None
+        except ClientGone:  # nobody to answer: stop waiting, close the upstream, log 499
+            if reply is not None:
+                reply.close()
+            raise ApiError(499, "client_closed_request",
+                           "The client closed the connection before the first byte.") from None
         except UpstreamFailure as failure:
             if not failure.retryable and failure.status not in (401, 403):
                 raise _client_error(failure) from None  # the request's own fault: pass it through
@@ -374,6 +382,7 @@ def deliver_stream(flight, reply, first_chunk):
                 yield first_chunk
             for chunk in reply.chunks():
                 yield chunk
+                rate_limits.renew(flight.admission)  # at most every few seconds
         except StreamBroken as err:
             outcome.update(status="Timeout" if err.timeout else "Failed", error=str(err))
             yield stream_error_event(f"The upstream stream broke: {err}", anthropic)
