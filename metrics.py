@@ -10,9 +10,13 @@ import ipaddress
 import os
 import time
 
-from prometheus_client import (CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Gauge,
-                               Histogram, generate_latest, multiprocess)
-from prometheus_client.core import GaugeMetricFamily
+if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # set for gunicorn; the CLI may inherit it too
+    os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
+
+# prometheus_client reads PROMETHEUS_MULTIPROC_DIR at import.
+from prometheus_client import (CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry,  # noqa: E402
+                               Counter, Gauge, Histogram, generate_latest, multiprocess)
+from prometheus_client.core import GaugeMetricFamily  # noqa: E402
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
