@@ -16,7 +16,8 @@ import pytest
 import redis
 import requests
 
-from tests.support import LiveGateway, drop_postgres_database, free_port, postgres_database_url
+from tests.support import (PYTHON, ROOT, LiveGateway, drop_postgres_database, free_port,
+                           postgres_database_url, wait_http)
 
 REDIS_URL = "redis://127.0.0.1:6379/13"
 CHAT = "/chat/completions"
@@ -49,6 +50,20 @@ def _all_at_once(calls):
     return results
 
 
+def _start_together(gateways, timeout=150):
+    """Migrate once, then start every master at once (on a busy 2-core machine a gunicorn
+    master can take well over 30 s to answer, so the wait is longer than LiveGateway's)."""
+    subprocess.run([PYTHON, "-m", "flask", "--app", "app", "init-db"], cwd=ROOT,
+                   env=gateways[0].env, check=True, capture_output=True)
+    for gw in gateways:
+        gw.log = open(os.path.join(gw.workdir, "gunicorn.log"), "w")
+        gw.proc = subprocess.Popen([PYTHON, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
+                                   cwd=ROOT, env=gw.env, stdout=gw.log,
+                                   stderr=subprocess.STDOUT)
+    for gw in gateways:
+        wait_http(gw.url + "/healthz", timeout=timeout, proc=gw.proc)
+
+
 def _fresh_minute():
     """Wait out the end of a minute, so one exact count never spans two windows."""
     if time.time() % 60 > 45:
@@ -77,10 +92,9 @@ def nodes(tmp_path_factory, fake_upstream, request):
     pair = []
     for n in range(2):
         path = tmp_path_factory.mktemp(f"node{n}")
-        gw = LiveGateway(url, str(path), fake_upstream,
-                         extra_env={**env, "PROMETHEUS_MULTIPROC_DIR": str(path / "metrics")})
-        gw.start()
-        pair.append(gw)
+        pair.append(LiveGateway(url, str(path), fake_upstream,
+                                extra_env={**env, "PROMETHEUS_MULTIPROC_DIR": str(path / "metrics")}))
+    _start_together(pair)
     yield pair
     for gw in pair:
         gw.stop()
@@ -263,7 +277,7 @@ def own_services(tmp_path_factory, fake_upstream):
     path = tmp_path_factory.mktemp("outage")
     gw = LiveGateway(own_pg.url, str(path), fake_upstream,
                      extra_env={"TOKENOPEN_REDIS_URL": own_redis.url, "WEB_CONCURRENCY": "2"})
-    gw.start()
+    _start_together([gw])
     yield gw, own_redis, own_pg
     gw.stop()
     own_redis.stop()
