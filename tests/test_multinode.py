@@ -87,8 +87,9 @@ def nodes(tmp_path_factory, fake_upstream, request):
     name = f"tokenopen_multinode_{worker}_{os.getpid()}"
     url = postgres_database_url(name)
     redis.Redis.from_url(REDIS_URL).flushdb()
+    # Caches kept a minute: what the nodes see of a change comes through Redis pub/sub.
     env = {"TOKENOPEN_REDIS_URL": REDIS_URL, "WEB_CONCURRENCY": "2",
-           "TOKENOPEN_UPSTREAM_TIMEOUT": "5"}
+           "TOKENOPEN_UPSTREAM_TIMEOUT": "5", "TOKENOPEN_CACHE_TTL": "60"}
     pair = []
     for n in range(2):
         path = tmp_path_factory.mktemp(f"node{n}")
@@ -105,8 +106,32 @@ def nodes(tmp_path_factory, fake_upstream, request):
 @pytest.fixture
 def pair(nodes):
     nodes[0].reset()
-    redis.Redis.from_url(REDIS_URL).flushdb()
+    conn = redis.Redis.from_url(REDIS_URL)
+    conn.flushdb()
+    # reset() deletes rows behind the ORM's back: tell every worker of both nodes.
+    conn.publish("tokenopen:cache", "0:ApiKey,User,Group,Channel,ChannelModel,ModelPrice,Setting")
+    nodes[0].app.config["REDIS_URL"] = REDIS_URL  # this process's commits are announced too
     return nodes
+
+
+def test_a_change_reaches_every_worker_of_every_node_at_once(pair):
+    # finding 7: changes reached other workers only when their cache expired
+    from extensions import db
+    from models import ApiKey
+    a, b = pair
+    key = a.member(credits=100)
+    for _ in range(4):  # cached by every worker that served one
+        assert _post(a, key, max_tokens=5).status_code == 200
+        assert _post(b, key, max_tokens=5).status_code == 200
+
+    def disable():
+        row = db.session.scalar(db.select(ApiKey))
+        row.disabled = True
+        db.session.commit()
+    a.run(disable)
+    time.sleep(0.5)  # well under the 60 s the caches would otherwise keep the key
+    codes = [_post(gw, key, max_tokens=5).status_code for gw in (a, b) * 4]
+    assert codes == [401] * 8, codes
 
 
 def test_rpm_is_exact_across_two_nodes(pair):

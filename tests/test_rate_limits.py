@@ -266,3 +266,62 @@ def test_database_unreachable_is_503_service_unavailable(tmp_path):
     page = client.get("/login")
     assert page.status_code == 503 and b"cannot reach its database" in page.data
     assert client.get("/healthz").status_code == 503
+
+
+# --- live: count_tokens limited, headers, 499 (findings 5 and 8) ------------------------------
+
+def test_count_tokens_is_rate_limited_free_and_not_logged(live):
+    import requests
+    key = live.member(rpm=2)
+    url = live.base_url + "/messages/count_tokens"
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+    answers = [requests.post(url, json=body, headers={"x-api-key": key}, timeout=10)
+               for _ in range(3)]
+    assert [a.status_code for a in answers] == [200, 200, 429]
+    assert answers[0].headers["x-ratelimit-limit-requests"] == "2"
+    assert answers[1].headers["x-ratelimit-remaining-requests"] == "0"
+    assert answers[2].json()["error"]["type"] == "rate_limit_error"
+    assert int(answers[2].headers["Retry-After"]) >= 1
+    assert live.logs() == []
+
+
+def test_concurrency_limit_answers_429_concurrency_limit_exceeded(live):
+    import requests
+    key = live.member(models="gpt-4o-mini=fault-slow", price=False, concurrency=1)
+    live.price("gpt-4o-mini")
+    url = live.base_url + "/chat/completions"
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}],
+            "stream": True, "max_tokens": 10}
+    with requests.post(url, json=body, headers={"Authorization": f"Bearer {key}"}, stream=True,
+                       timeout=20) as first:
+        assert first.status_code == 200
+        second = requests.post(url, json=body, headers={"Authorization": f"Bearer {key}"},
+                               timeout=20)
+        assert second.status_code == 429
+        assert second.json()["error"]["code"] == "concurrency_limit_exceeded"
+        assert second.json()["error"]["type"] == "rate_limit_error"
+        assert second.headers["Retry-After"] == "1"
+        first.content
+    third = requests.post(url, json=body, headers={"Authorization": f"Bearer {key}"}, timeout=20)
+    assert third.status_code == 200  # the slot came back when the stream ended
+
+
+def test_client_gone_before_the_first_byte_is_logged_499(live):
+    import json
+    import socket
+    from extensions import db
+    from models import Reservation
+    key = live.member(models="gpt-4o-mini=fault-timeout", price=False)
+    live.price("gpt-4o-mini")
+    body = json.dumps({"model": "gpt-4o-mini", "max_tokens": 5,
+                       "messages": [{"role": "user", "content": "hi"}]}).encode()
+    sock = socket.create_connection(("127.0.0.1", live.port))
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                 b"Content-Type: application/json\r\nAuthorization: Bearer " + key.encode() +
+                 b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    time.sleep(0.5)
+    sock.close()  # gives up long before the upstream (10 s) or the gateway's timeout (2 s)
+    [row] = live.wait_logs(1, timeout=5)
+    assert row["http_status"] == 499 and row["status"] == "Failed"
+    assert row["latency_ms"] < 1500  # noticed while waiting, not after the 2 s timeout
+    assert live.scalar(db.select(db.func.count(Reservation.id))) == 0  # the hold went back
