@@ -61,9 +61,13 @@ def load_config(instance_path, env=None):
         # Channel health: failures in a row before a cool-down, and its length.
         "CHANNEL_FAILURES_BEFORE_COOLDOWN": _int(env, "TOKENOPEN_CHANNEL_FAILURES", 3),
         "CHANNEL_COOLDOWN_SECONDS": _int(env, "TOKENOPEN_CHANNEL_COOLDOWN", 60),
-        # A reservation older than this belongs to a dead worker and is released.
-        "RESERVATION_TTL": _int(env, "TOKENOPEN_RESERVATION_TTL", 0) or None,
-        "SWEEP_INTERVAL": _int(env, "TOKENOPEN_SWEEP_INTERVAL", 60),
+        # Holds (SPEC §10): a hold whose worker stops renewing its lease for this long is
+        # settled by the sweeper at its last checkpoint; open streams are checkpointed this often.
+        "HOLD_LEASE_SECONDS": _int(env, "TOKENOPEN_HOLD_LEASE_SECONDS", 60),
+        "CHECKPOINT_SECONDS": float(env.get("TOKENOPEN_CHECKPOINT_SECONDS") or 2),
+        "SWEEP_INTERVAL": _int(env, "TOKENOPEN_SWEEP_INTERVAL", 20),
+        # SIGTERM lets streams finish for this long, then interrupts them, billed and logged.
+        "DRAIN_SECONDS": _int(env, "TOKENOPEN_DRAIN_SECONDS", 60),
         # Requests in flight hold a slot on a lease the relay renews; a dead worker's lapse.
         "LIMIT_LEASE_SECONDS": _int(env, "TOKENOPEN_LIMIT_LEASE_SECONDS", 30),
         "METRICS_TOKEN": env.get("TOKENOPEN_METRICS_TOKEN") or None,

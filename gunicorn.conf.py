@@ -12,16 +12,20 @@ workers = int(os.environ.get("WEB_CONCURRENCY") or (
 worker_connections = 2000
 # Streams can last as long as the upstream timeout; gevent workers heartbeat on their own.
 timeout = int(os.environ.get("TOKENOPEN_UPSTREAM_TIMEOUT", "600")) + 30
-graceful_timeout = 30
+# SIGTERM: the hold keeper lets streams run for TOKENOPEN_DRAIN_SECONDS, then interrupts them
+# (billed and logged); gunicorn's own deadline comes after that.
+graceful_timeout = int(os.environ.get("TOKENOPEN_DRAIN_SECONDS", "60")) + 30
 keepalive = 75
 accesslog = os.environ.get("TOKENOPEN_ACCESS_LOG") or None
 errorlog = "-"
 
 
 def post_worker_init(worker):
-    """Each worker releases reservations orphaned by a crashed predecessor, then keeps sweeping."""
-    from blueprints.api.sweeper import start_sweeper
-    start_sweeper(worker.wsgi)
+    """Each worker runs a hold keeper: checkpoints its streams, renews its leases, retries
+    settlements a database error held back, settles holds of dead workers, drains on SIGTERM."""
+    from blueprints.api.inflight import start_keeper
+    from blueprints.api.relay import delivered_so_far
+    start_keeper(worker.wsgi, delivered_so_far, worker)
     from retention import start_pruner
     start_pruner(worker.wsgi)
 

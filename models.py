@@ -209,7 +209,10 @@ class ModelPrice(db.Model):
     input_micro: Mapped[int] = mapped_column(BigInteger, default=0)
     output_micro: Mapped[int] = mapped_column(BigInteger, default=0)
     cached_input_micro: Mapped[int | None] = mapped_column(BigInteger)  # None = input price
+    cache_write_micro: Mapped[int | None] = mapped_column(BigInteger)  # None = input price
     per_request_micro: Mapped[int] = mapped_column(BigInteger, default=0)
+    per_image_micro: Mapped[int] = mapped_column(BigInteger, default=0)  # flat, per image
+    per_second_micro: Mapped[int] = mapped_column(BigInteger, default=0)  # flat, per audio second
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
 
@@ -217,7 +220,8 @@ class LedgerEntry(db.Model):
     """One change of a user's balance. sum(amount_micro) per user == User.balance_micro."""
     __tablename__ = "ledger_entries"
     __table_args__ = (Index("ix_ledger_user_time", "user_id", "created_at"),)
-    KINDS = ("grant", "redemption", "charge", "refund", "adjustment")
+    # "overrun": what an upstream produced beyond the cap it was sent, charged past the hold.
+    KINDS = ("grant", "redemption", "charge", "overrun", "refund", "adjustment")
     id: Mapped[int] = mapped_column(primary_key=True)
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
     kind: Mapped[str] = mapped_column(String(16))
@@ -230,7 +234,12 @@ class LedgerEntry(db.Model):
 
 
 class Reservation(db.Model):
-    """Credits held for one in-flight request; settled or swept, then deleted."""
+    """Credits held for one in-flight request (a "hold"), keyed by its request id.
+
+    Its worker renews `lease_until` while the request lives and checkpoints what has been
+    delivered so far; once the lease lapses (the worker died) the sweeper settles the hold at
+    its checkpoint and writes the request's log row from the context kept here.
+    """
     __tablename__ = "reservations"
     id: Mapped[int] = mapped_column(primary_key=True)
     request_id: Mapped[str] = mapped_column(String(64), unique=True)
@@ -238,6 +247,21 @@ class Reservation(db.Model):
     key_id: Mapped[int | None] = mapped_column(ForeignKey("api_keys.id", ondelete="SET NULL"))
     amount_micro: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    lease_until: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    # What the sweeper needs to log the request if its worker dies.
+    key_name: Mapped[str | None] = mapped_column(String(100))
+    model: Mapped[str | None] = mapped_column(String(200))
+    endpoint: Mapped[str | None] = mapped_column(String(64))
+    is_stream: Mapped[bool] = mapped_column(default=False)
+    client_ip: Mapped[str | None] = mapped_column(String(64))
+    channel_id: Mapped[int | None]
+    channel_name: Mapped[str | None] = mapped_column(String(100))
+    # The last checkpoint: usage delivered so far and its cost.
+    prompt_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    completion_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    cached_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    checkpoint_micro: Mapped[int] = mapped_column(BigInteger, default=0)
+    checkpoint_at: Mapped[datetime | None]
 
 
 class RedemptionCode(db.Model):
@@ -272,10 +296,12 @@ class RequestLog(db.Model):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     request_id: Mapped[str] = mapped_column(String(64), unique=True)
     user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
-    key_id: Mapped[int | None] = mapped_column(ForeignKey("api_keys.id", ondelete="SET NULL"))
+    # No foreign keys on key and channel: a key or channel deleted while its request was in
+    # flight must not make the log row (and the charge committed with it) fail. Names are kept.
+    key_id: Mapped[int | None]
     key_name: Mapped[str | None] = mapped_column(String(100))
     model: Mapped[str | None] = mapped_column(String(200))
-    channel_id: Mapped[int | None] = mapped_column(ForeignKey("channels.id", ondelete="SET NULL"))
+    channel_id: Mapped[int | None]
     channel_name: Mapped[str | None] = mapped_column(String(100))
     endpoint: Mapped[str] = mapped_column(String(64))
     is_stream: Mapped[bool] = mapped_column(default=False)

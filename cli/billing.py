@@ -4,10 +4,10 @@ from datetime import timedelta
 
 import click
 
-from blueprints.api.billing import (
-    check_ledger, create_codes, default_reservation_ttl, delete_price, grant_credits, set_price,
-    sweep_reservations, user_count,
+from billing import (
+    check_ledger, create_codes, delete_price, grant_credits, set_price, user_count,
 )
+from holds import sweep_lapsed
 from cli.common import credits_or_fail, echo_json, fail, iso, user_or_fail
 from extensions import db
 from models import ModelPrice, utcnow
@@ -20,16 +20,23 @@ NEGATIVE_OK = {"ignore_unknown_options": True}
 def price_summary(row):
     """What `prices list --json` prints for one price (credits per 1M tokens)."""
     cached = row.input_micro if row.cached_input_micro is None else row.cached_input_micro
+    written = row.input_micro if row.cache_write_micro is None else row.cache_write_micro
     return {
         "model": row.model,
         "input": format_credits(row.input_micro),
         "output": format_credits(row.output_micro),
         "cached_input": format_credits(cached),
+        "cache_write": format_credits(written),
         "per_request": format_credits(row.per_request_micro),
+        "per_image": format_credits(row.per_image_micro or 0),
+        "per_second": format_credits(row.per_second_micro or 0),
         "input_micro": row.input_micro,
         "output_micro": row.output_micro,
         "cached_input_micro": cached,
+        "cache_write_micro": written,
         "per_request_micro": row.per_request_micro,
+        "per_image_micro": row.per_image_micro or 0,
+        "per_second_micro": row.per_second_micro or 0,
         "updated_at": iso(row.updated_at),
     }
 
@@ -46,14 +53,23 @@ def register(app):
     @click.option("--input", "input_", required=True, help="Credits per 1M input tokens.")
     @click.option("--output", required=True, help="Credits per 1M output tokens.")
     @click.option("--cached-input", help="Credits per 1M cached input tokens (default: --input).")
+    @click.option("--cache-write", help="Credits per 1M tokens written to the provider's cache "
+                                        "(default: --input).")
     @click.option("--per-request", default="0", show_default=True,
                   help="Flat credits per request.")
-    def prices_set(model, input_, output, cached_input, per_request):
+    @click.option("--per-image", default="0", show_default=True,
+                  help="Flat credits per generated image.")
+    @click.option("--per-second", default="0", show_default=True,
+                  help="Flat credits per second of audio transcribed or translated.")
+    def prices_set(model, input_, output, cached_input, cache_write, per_request, per_image,
+                   per_second):
         """Create or change MODEL's price (0 everywhere makes it free)."""
         try:
             row = set_price(model, credits_or_fail(input_), credits_or_fail(output),
                             None if cached_input is None else credits_or_fail(cached_input),
-                            credits_or_fail(per_request))
+                            credits_or_fail(per_request),
+                            None if cache_write is None else credits_or_fail(cache_write),
+                            credits_or_fail(per_image), credits_or_fail(per_second))
         except ValueError as err:
             fail(str(err))
         info = price_summary(row)
@@ -142,14 +158,12 @@ def register(app):
         click.echo(f"ledger OK: {user_count()} users")
 
     @billing.command("sweep")
-    @click.option("--max-age", type=int,
-                  help="Seconds after which a reservation is orphaned "
-                       "(default: RESERVATION_TTL or UPSTREAM_TIMEOUT + 120).")
+    @click.option("--max-age", type=int, default=0,
+                  help="Also skip holds younger than this many seconds. Holds whose lease is "
+                       "still renewed by a live worker are never touched, whatever the age.")
     def billing_sweep(max_age):
-        """Release credits held by requests whose worker died."""
-        if max_age is not None and max_age < 0:
+        """Settle holds whose worker died (lease lapsed) at their last checkpoint."""
+        if max_age < 0:
             fail("--max-age must not be negative")
-        age = default_reservation_ttl() if max_age is None else max_age
-        released = sweep_reservations(age)
-        click.echo(f"released {released} reservation{'s' if released != 1 else ''} "
-                   f"older than {age}s")
+        settled = sweep_lapsed(max_age)
+        click.echo(f"settled {settled} hold{'s' if settled != 1 else ''} whose lease lapsed")

@@ -13,6 +13,8 @@ alias such as `gpt-4o-mini=fault-500` makes one channel fail while another works
   fault-nousage    a normal answer without any usage
   fault-long       streams 40 events, one every 0.1 s (for client disconnects)
   fault-stall      streams 3 events, then goes quiet for 4 s (past the gateway's read timeout)
+  fault-overrun    ignores the max-tokens cap it was sent and reports 500 completion tokens
+  fault-absurd / fault-negative / fault-strusage   report prompt_tokens 1e30 / -5 / "12"
 Usage is deterministic: prompt_tokens = 3 + words in the request's text,
 completion_tokens = words answered; `fake_cached: N` in the body reports N cached tokens.
 
@@ -64,6 +66,10 @@ def usage_for(body, completion):
     if body.get("fake_cached"):
         usage["prompt_tokens_details"] = {"cached_tokens": int(body["fake_cached"])}
     return usage
+
+
+# Upstreams that lie about usage: prompt_tokens as they report it.
+USAGE_LIES = {"fault-absurd": 1e30, "fault-negative": -5, "fault-strusage": "12"}
 
 
 def error(status, message, kind, headers=None):
@@ -173,6 +179,10 @@ def chat():
                  "function": {"name": (tools[0].get("function") or {}).get("name", "tool")
                               if tools else "", "arguments": '{"location": "Paris"}'}}
     usage = usage_for(body, 5 if call_tool else len(words))
+    if model == "fault-overrun":  # an upstream that ignores the cap it was sent
+        words, usage = ANSWER, usage_for(body, 500)
+    if model in USAGE_LIES:
+        usage["prompt_tokens"] = USAGE_LIES[model]
     with_usage = model != "fault-nousage"
     if not body.get("stream"):
         if model == "fault-malformed":

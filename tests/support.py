@@ -101,8 +101,9 @@ def make_channel(name, type="openai", base_url="", api_key="sk-upstream-secret",
     return channel.id
 
 
-def make_price(model, input=1.0, output=2.0, cached_input=None, per_request=0.0):
-    """Prices in credits per 1M tokens (per_request: credits per call)."""
+def make_price(model, input=1.0, output=2.0, cached_input=None, per_request=0.0,
+               cache_write=None, per_image=0.0, per_second=0.0):
+    """Prices in credits per 1M tokens (per_request/image/second: flat credits)."""
     from extensions import db
     from models import ModelPrice
     from money import parse_credits
@@ -110,7 +111,10 @@ def make_price(model, input=1.0, output=2.0, cached_input=None, per_request=0.0)
     row.input_micro = parse_credits(input)
     row.output_micro = parse_credits(output)
     row.cached_input_micro = None if cached_input is None else parse_credits(cached_input)
+    row.cache_write_micro = None if cache_write is None else parse_credits(cache_write)
     row.per_request_micro = parse_credits(per_request)
+    row.per_image_micro = parse_credits(per_image)
+    row.per_second_micro = parse_credits(per_second)
     db.session.add(row)
     db.session.commit()
     return row.id

@@ -404,7 +404,7 @@ def test_set_edit_and_delete_a_price(app, client, admin, factory):
 
 
 def test_a_price_change_reaches_the_billing_cache(app, client, admin):
-    from blueprints.api.billing import invalidate_prices, price_for
+    from billing import invalidate_prices, price_for
     app.config["CACHE_TTL"] = 300
     invalidate_prices()  # the cache is per process; start from what this database says
     with app.test_request_context():
@@ -650,7 +650,7 @@ def test_billing_check_and_sweep_from_the_console(app, client, admin, factory):
 
 
 def test_generate_codes_list_filter_and_export(app, client, admin, factory):
-    from blueprints.api.billing import redeem_code
+    from billing import redeem_code
     response = client.post("/admin/codes", data={"amount": "2.5", "count": "3",
                                                  "expires_days": "7"})
     assert response.status_code == 302

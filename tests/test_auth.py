@@ -117,7 +117,7 @@ def test_setting_overrides_config_registration_mode(app, client):
 
 
 def _make_code(app, amount_micro=3_000_000):
-    from blueprints.api.billing import create_codes
+    from billing import create_codes
     with app.app_context():
         return create_codes(amount_micro, 1)[0]
 

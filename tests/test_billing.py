@@ -1,5 +1,5 @@
-"""blueprints/api/billing.py and cli/billing.py on SQLite and PostgreSQL: prices, cost math,
-reservations, settlement, the sweeper, grants, codes, the ledger audit and the CLI."""
+"""billing.py and cli/billing.py on SQLite and PostgreSQL: prices, cost math, grants, codes,
+the ledger audit and the CLI (holds: tests/test_holds.py)."""
 import json
 import random
 from datetime import timedelta
@@ -8,9 +8,9 @@ from fractions import Fraction
 import pytest
 from sqlalchemy import update
 
-from blueprints.api import billing
-from blueprints.api.billing import Hold, Price
-from blueprints.api.errors import ApiError
+import billing
+import holds
+from billing import Price
 from extensions import db
 from models import MICRO, ApiKey, LedgerEntry, ModelPrice, RedemptionCode, RequestLog, Reservation, \
     User, utcnow
@@ -86,13 +86,13 @@ def test_cost_edges():
 
 def test_hold_estimate_is_an_upper_bound_of_any_final_cost():
     price = Price("m", 2_000_000, 8_000_000, 500_000, 2_000)
-    hold = billing.hold_estimate_micro(price, 1200, 4096, 1_250_000)
+    hold = billing.hold_micro(price, 1200, 4096, 1_250_000)
     assert hold == ceil(exact_cost(price, 1200, 4096, 0, 1_250_000))
     for cached in (0, 600, 1200):
         for out in (0, 100, 4096):
             assert billing.cost_micro(price, 1200, out, cached, 1_250_000) <= hold
     pricey_cache = Price("m", 1_000_000, 0, 3_000_000, 0)  # cache reads dearer than input
-    hold = billing.hold_estimate_micro(pricey_cache, 100, 0, MICRO)
+    hold = billing.hold_micro(pricey_cache, 100, 0, MICRO)
     assert billing.cost_micro(pricey_cache, 100, 0, 100, MICRO) <= hold
 
 
@@ -115,7 +115,7 @@ def test_price_for_reads_rows_and_caches_with_invalidation(ctx):
     assert billing.price_for("gpt-x") is None
     make_price("gpt-x", input=1.5, output=6, cached_input=None, per_request=0.01)
     price = billing.price_for("gpt-x")
-    assert price == Price("gpt-x", 1_500_000, 6_000_000, 1_500_000, 10_000)
+    assert price == Price("gpt-x", 1_500_000, 6_000_000, 1_500_000, 10_000, 1_500_000)
     ctx.config["CACHE_TTL"] = 60
     try:
         billing.invalidate_prices()
@@ -129,7 +129,8 @@ def test_price_for_reads_rows_and_caches_with_invalidation(ctx):
         make_price("gpt-x", input=7, output=9)
         assert billing.price_for("gpt-x").input_micro == 7_000_000
         billing.set_price("gpt-x", 2_000_000, 4_000_000, 500_000, 0)  # this process: invalidated
-        assert billing.price_for("gpt-x") == Price("gpt-x", 2_000_000, 4_000_000, 500_000, 0)
+        assert billing.price_for("gpt-x") == Price("gpt-x", 2_000_000, 4_000_000, 500_000, 0,
+                                                   2_000_000)
         assert billing.delete_price("gpt-x") is True
         assert billing.price_for("gpt-x") is None
         assert billing.delete_price("gpt-x") is False
@@ -145,197 +146,6 @@ def test_set_price_refuses_negative_prices(ctx):
         billing.set_price("  ", 1, 0)
 
 
-# --- reserve / settle / release -------------------------------------------------------------
-
-def test_reserve_then_settle_cheaper_releases_the_rest(ctx):
-    uid = make_user("a@example.com", credits=10)
-    full = make_key("a@example.com")
-    key = key_row(full)
-    hold = billing.reserve_credits(uid, key.id, "req-1", 4 * MICRO)
-    assert hold.reservation_id is not None and hold.amount_micro == 4 * MICRO
-    assert balances(uid) == (10 * MICRO, 4 * MICRO)
-    assert db.session.scalar(db.select(Reservation.amount_micro)
-                             .filter_by(request_id="req-1")) == 4 * MICRO
-    charged = billing.settle_credits(hold, 1_234_567, note="chat")
-    db.session.commit()
-    assert charged == 1_234_567
-    assert balances(uid) == (10 * MICRO - 1_234_567, 0)
-    entry = db.session.scalar(db.select(LedgerEntry).filter_by(request_id="req-1"))
-    assert (entry.kind, entry.amount_micro, entry.balance_after_micro, entry.note) == (
-        "charge", -1_234_567, 10 * MICRO - 1_234_567, "chat")
-    key = key_row(full)
-    assert (key.spent_micro, key.reserved_micro) == (1_234_567, 0)
-    assert db.session.scalar(db.select(db.func.count(Reservation.id))) == 0
-
-
-def test_reserve_refuses_with_a_402_a_person_understands(ctx):
-    uid = make_user("a@example.com", credits=2)
-    with pytest.raises(ApiError) as err:
-        billing.reserve_credits(uid, None, "req-1", 2_500_000)
-    assert (err.value.status, err.value.code) == (402, "insufficient_credits")
-    assert "may cost up to 2.5 credits" in err.value.message
-    assert "available balance is 2" in err.value.message
-    assert balances(uid) == (2 * MICRO, 0)
-    assert db.session.scalar(db.select(db.func.count(Reservation.id))) == 0
-    hold = billing.reserve_credits(uid, None, "req-2", 2 * MICRO)  # exactly the balance is fine
-    with pytest.raises(ApiError) as err:
-        billing.reserve_credits(uid, None, "req-3", 1)
-    assert "held by requests in flight" in err.value.message
-    billing.release_credits(hold)
-    assert balances(uid) == (2 * MICRO, 0)
-
-
-def test_key_credit_limit_counts_spent_and_reserved(ctx):
-    uid = make_user("a@example.com", credits=100)
-    full = make_key("a@example.com", credit_limit_micro=5 * MICRO)
-    kid = key_row(full).id
-    first = billing.reserve_credits(uid, kid, "r1", 3 * MICRO)
-    with pytest.raises(ApiError) as err:
-        billing.reserve_credits(uid, kid, "r2", 3 * MICRO)
-    assert (err.value.status, err.value.code) == (402, "key_credit_limit")
-    assert "2 of its 5-credit limit left" in err.value.message
-    assert balances(uid) == (100 * MICRO, 3 * MICRO)  # the user's hold was rolled back too
-    billing.settle_credits(first, 3 * MICRO)
-    db.session.commit()
-    second = billing.reserve_credits(uid, kid, "r2", 2 * MICRO)
-    with pytest.raises(ApiError):
-        billing.reserve_credits(uid, kid, "r3", 1)
-    billing.release_credits(second)
-    assert key_row(full).spent_micro == 3 * MICRO
-    assert billing.reserve_credits(uid, None, "r4", 50 * MICRO).amount_micro == 50 * MICRO
-    db.session.execute(db.delete(Reservation).filter_by(request_id="r4"))
-    db.session.execute(db.update(User).filter_by(id=uid).values(reserved_micro=0))
-    db.session.commit()
-
-
-def test_settle_when_cost_exceeds_hold_charges_only_what_is_covered(ctx):
-    uid = make_user("a@example.com", credits=5)
-    other = billing.reserve_credits(uid, None, "other", 1 * MICRO)  # someone else's hold
-    hold = billing.reserve_credits(uid, None, "big", 2 * MICRO)
-    charged = billing.settle_credits(hold, 9 * MICRO)  # the model ran far past the estimate
-    db.session.commit()
-    assert charged == 4 * MICRO  # everything but the other request's hold
-    assert balances(uid) == (1 * MICRO, 1 * MICRO)
-    assert billing.settle_credits(other, 3 * MICRO) == 1 * MICRO
-    db.session.commit()
-    assert balances(uid) == (0, 0)
-    assert billing.settle_credits(Hold("late", uid, None, 0, None), 5) == 0  # nothing left
-    db.session.commit()
-    assert db.session.scalar(db.select(db.func.count(LedgerEntry.id))
-                             .filter_by(request_id="late")) == 0
-
-
-def test_free_model_hold_writes_nothing(ctx):
-    uid = make_user("a@example.com", credits=0)
-    hold = billing.reserve_credits(uid, None, "free", 0)
-    assert hold.reservation_id is None
-    assert billing.settle_credits(hold, 0) == 0
-    billing.release_credits(hold)
-    db.session.commit()
-    assert db.session.scalar(db.select(db.func.count(Reservation.id))) == 0
-    assert db.session.scalar(db.select(db.func.count(LedgerEntry.id))) == 0
-
-
-def test_settle_is_part_of_the_callers_transaction(ctx):
-    uid = make_user("a@example.com", credits=5)
-    hold = billing.reserve_credits(uid, None, "req", 2 * MICRO)
-    billing.settle_credits(hold, MICRO)
-    db.session.rollback()  # the caller's log write failed: nothing of the settle remains
-    assert balances(uid) == (5 * MICRO, 2 * MICRO)
-    assert billing.settle_credits(hold, MICRO) == MICRO
-    db.session.commit()
-    assert balances(uid) == (4 * MICRO, 0)
-
-
-def test_release_twice_gives_back_once(ctx):
-    uid = make_user("a@example.com", credits=5)
-    hold = billing.reserve_credits(uid, None, "req", 2 * MICRO)
-    billing.release_credits(hold)
-    billing.release_credits(hold)
-    assert balances(uid) == (5 * MICRO, 0)
-
-
-def test_ten_thousand_charges_leave_no_drift(ctx):
-    rng = random.Random(10_000)
-    start = 10**9 * MICRO
-    uid = make_user("rich@example.com", balance_micro=start)
-    price = Price("m", 2_500_000, 10_000_000, 1_250_000, 333)
-    expected, exact_total, charged_total = 0, Fraction(0), 0
-    for i in range(10_000):
-        prompt = rng.randrange(1, 9_000)
-        cached = rng.randrange(0, prompt + 1)
-        completion = rng.randrange(0, 3_000)
-        ppm = rng.choice((MICRO, 1_333_333, 700_001))
-        exact = exact_cost(price, prompt, completion, cached, ppm)
-        exact_total += exact
-        expected += ceil(exact)
-        cost = billing.cost_micro(price, prompt, completion, cached, ppm)
-        charged_total += billing.settle_credits(Hold(f"r{i}", uid, None, 0, None), cost)
-        if i % 1000 == 999:
-            db.session.commit()
-    db.session.commit()
-    assert charged_total == expected
-    assert 0 <= expected - exact_total < 10_000  # rounding: under one micro-credit per request
-    assert balances(uid) == (start - expected, 0)
-    ledger = db.session.scalar(db.select(db.func.sum(LedgerEntry.amount_micro))
-                               .filter_by(user_id=uid))
-    assert ledger == start - expected
-    last = db.session.scalar(db.select(LedgerEntry).order_by(LedgerEntry.id.desc()).limit(1))
-    assert last.balance_after_micro == start - expected
-
-
-# --- sweeper ----------------------------------------------------------------------------------
-
-def age_reservation(request_id, seconds):
-    db.session.execute(db.update(Reservation).filter_by(request_id=request_id)
-                       .values(created_at=utcnow() - timedelta(seconds=seconds)))
-    db.session.commit()
-
-
-def test_sweeper_releases_only_stale_reservations(ctx):
-    uid = make_user("a@example.com", credits=10)
-    kid = key_row(make_key("a@example.com", credit_limit_micro=8 * MICRO)).id
-    billing.reserve_credits(uid, kid, "dead", 3 * MICRO)
-    live = billing.reserve_credits(uid, kid, "live", 2 * MICRO)
-    age_reservation("dead", 3600)
-    assert billing.sweep_reservations(600) == 1
-    assert balances(uid) == (10 * MICRO, 2 * MICRO)
-    key = db.session.get(ApiKey, kid)
-    assert key.reserved_micro == 2 * MICRO
-    assert billing.sweep_reservations(600) == 0
-    billing.release_credits(live)
-
-
-def test_late_settle_after_a_sweep_does_not_release_twice(ctx):
-    uid = make_user("a@example.com", credits=10)
-    kid = key_row(make_key("a@example.com")).id
-    hold = billing.reserve_credits(uid, kid, "slow", 4 * MICRO)
-    other = billing.reserve_credits(uid, kid, "other", 1 * MICRO)
-    age_reservation("slow", 3600)
-    assert billing.sweep_reservations(60) == 1
-    assert balances(uid) == (10 * MICRO, 1 * MICRO)
-    assert billing.settle_credits(hold, 3 * MICRO) == 3 * MICRO  # the work was still done
-    db.session.commit()
-    assert balances(uid) == (7 * MICRO, 1 * MICRO)  # other's hold is untouched
-    assert db.session.get(ApiKey, kid).reserved_micro == 1 * MICRO
-    billing.release_credits(hold)  # and a stray release is harmless
-    billing.release_credits(other)
-    assert balances(uid) == (7 * MICRO, 0)
-
-
-def test_sweeper_default_age_comes_from_config(ctx):
-    ctx.config["RESERVATION_TTL"] = None
-    ctx.config["UPSTREAM_TIMEOUT"] = 30
-    assert billing.default_reservation_ttl() == 150
-    ctx.config["RESERVATION_TTL"] = 45
-    assert billing.default_reservation_ttl() == 45
-    uid = make_user("a@example.com", credits=1)
-    billing.reserve_credits(uid, None, "r", MICRO)
-    age_reservation("r", 46)
-    assert billing.sweep_reservations() == 1
-    assert balances(uid) == (MICRO, 0)
-
-
 # --- grants and codes -----------------------------------------------------------------------
 
 def test_grant_and_deduct(ctx):
@@ -345,13 +155,13 @@ def test_grant_and_deduct(ctx):
     assert (entry.kind, entry.amount_micro, entry.balance_after_micro) == ("grant", 5 * MICRO,
                                                                            5 * MICRO)
     assert entry.created_by_id == admin
-    hold = billing.reserve_credits(uid, None, "r", 2 * MICRO)
+    hold = holds.reserve_credits(uid, None, "r", 2 * MICRO)
     with pytest.raises(ValueError, match="available balance is 3"):
         billing.grant_credits(uid, -4 * MICRO, kind="adjustment")
     entry = billing.grant_credits(uid, -3 * MICRO, kind="adjustment", note="oops")
     assert entry.balance_after_micro == 2 * MICRO
     assert balances(uid) == (2 * MICRO, 2 * MICRO)
-    billing.release_credits(hold)
+    holds.release_credits(hold)
     refund = billing.grant_credits(uid, 1, kind="refund")
     assert refund.balance_after_micro == 2 * MICRO + 1
     with pytest.raises(ValueError):
@@ -401,7 +211,7 @@ def test_a_failed_redemption_discards_the_callers_pending_rows(ctx):
 def test_check_ledger_detects_every_kind_of_drift(ctx):
     uid = make_user("a@example.com", credits=5)
     kid = key_row(make_key("a@example.com", name="ci")).id
-    hold = billing.reserve_credits(uid, kid, "r", MICRO)
+    hold = holds.reserve_credits(uid, kid, "r", MICRO)
     assert billing.check_ledger() == []
     db.session.execute(db.update(User).filter_by(id=uid).values(balance_micro=6 * MICRO))
     db.session.commit()
@@ -418,7 +228,7 @@ def test_check_ledger_detects_every_kind_of_drift(ctx):
     db.session.execute(db.update(User).filter_by(id=uid).values(reserved_micro=MICRO))
     db.session.execute(db.update(ApiKey).filter_by(id=kid).values(reserved_micro=MICRO))
     db.session.commit()
-    billing.release_credits(hold)
+    holds.release_credits(hold)
 
 
 # --- the legacy OpenAI billing endpoints ------------------------------------------------------
@@ -428,8 +238,8 @@ def test_subscription_and_usage_bodies(ctx):
     full = make_key("a@example.com")
     limited_full = make_key("a@example.com", name="capped", credit_limit_micro=2_500_000,
                             expires_at=utcnow().replace(microsecond=0) + timedelta(days=1))
-    hold = billing.reserve_credits(uid, None, "r1", 3 * MICRO)
-    billing.settle_credits(hold, 1_234_567)
+    hold = holds.reserve_credits(uid, None, "r1", 3 * MICRO)
+    holds.settle_credits(hold, 1_234_567)
     key = key_row(full)
     db.session.add(RequestLog(request_id="r1", user_id=uid, key_id=key.id, endpoint="chat",
                               credits_micro=1_234_567, status="Success", http_status=200))
@@ -456,6 +266,14 @@ def test_subscription_and_usage_bodies(ctx):
     assert json.loads(json.dumps(body))["hard_limit_usd"] == 2.5
 
 
+def lapse_lease(request_id, seconds):
+    """Make a hold look like its worker died `seconds` ago."""
+    past = utcnow() - timedelta(seconds=seconds)
+    db.session.execute(db.update(Reservation).filter_by(request_id=request_id)
+                       .values(created_at=past, lease_until=past))
+    db.session.commit()
+
+
 # --- CLI ----------------------------------------------------------------------------------------
 
 def run(runner, *args):
@@ -476,7 +294,16 @@ def test_cli_prices(app, runner):
     assert rows["free-model"]["output"] == "0"
     assert "gpt-4o  input=2.5" in run(runner, "prices", "list").output
     with app.app_context():
-        assert billing.price_for("gpt-4o") == Price("gpt-4o", 2_500_000, 10_000_000, 1_250_000, 1)
+        assert billing.price_for("gpt-4o") == Price("gpt-4o", 2_500_000, 10_000_000, 1_250_000, 1,
+                                                    2_500_000)
+    result = run(runner, "prices", "set", "dall-e", "--input", "0", "--output", "0",
+                 "--cache-write", "3.125", "--per-image", "0.04", "--per-second", "0.0001")
+    assert result.exit_code == 0, result.output
+    rows = {r["model"]: r for r in json.loads(run(runner, "prices", "list", "--json").output)}
+    assert (rows["dall-e"]["cache_write"], rows["dall-e"]["per_image_micro"],
+            rows["dall-e"]["per_second_micro"]) == ("3.125", 40_000, 100)
+    with app.app_context():
+        assert billing.price_for("dall-e") == Price("dall-e", 0, 0, 0, 0, 3_125_000, 40_000, 100)
     result = run(runner, "prices", "set", "x", "--input", "1.2345678", "--output", "1")
     assert result.exit_code != 0 and "at most 6 decimal places" in result.output
     result = run(runner, "prices", "set", "x", "--input", "-1", "--output", "1")
@@ -535,8 +362,8 @@ def test_cli_billing_check_and_sweep(app, runner):
     result = run(runner, "billing", "check")
     assert (result.exit_code, result.output.strip()) == (0, "ledger OK: 2 users")
     with app.app_context():
-        billing.reserve_credits(uid, None, "stuck", MICRO)
-        age_reservation("stuck", 10_000)
+        holds.reserve_credits(uid, None, "stuck", MICRO)
+        lapse_lease("stuck", 10_000)
         db.session.execute(db.update(User).filter_by(id=uid).values(balance_micro=1))
         db.session.commit()
     result = run(runner, "billing", "check")
@@ -546,9 +373,9 @@ def test_cli_billing_check_and_sweep(app, runner):
         db.session.execute(db.update(User).filter_by(id=uid).values(balance_micro=3 * MICRO))
         db.session.commit()
     result = run(runner, "billing", "sweep", "--max-age", "20000")
-    assert "released 0 reservations older than 20000s" in result.output
+    assert "settled 0 holds" in result.output
     result = run(runner, "billing", "sweep")
-    assert result.exit_code == 0 and "released 1 reservation older than" in result.output
+    assert result.exit_code == 0 and "settled 1 hold whose lease lapsed" in result.output
     assert run(runner, "billing", "check").exit_code == 0
     assert run(runner, "billing", "sweep", "--max-age", "-1").exit_code != 0
     with app.app_context():

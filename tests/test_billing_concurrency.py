@@ -5,7 +5,8 @@ import threading
 
 import pytest
 
-from blueprints.api import billing
+import billing
+import holds
 from blueprints.api.errors import ApiError
 from extensions import db
 from models import MICRO, ApiKey, LedgerEntry, Reservation, User
@@ -24,7 +25,7 @@ def run_threads(app, count, fn):
             try:
                 barrier.wait(timeout=30)
                 results[i] = ("ok", fn(i))
-            except ApiError as err:
+            except holds.CreditsRefused as err:
                 results[i] = ("refused", err.code)
             except ValueError as err:
                 results[i] = ("invalid", str(err))
@@ -89,7 +90,7 @@ def test_fifty_reservations_from_a_wallet_covering_ten(app):
     with app.app_context():
         uid = make_user("a@example.com", credits=10)
     with BalanceWatch(app, uid) as watch:
-        results = run_threads(app, 50, lambda i: billing.reserve_credits(
+        results = run_threads(app, 50, lambda i: holds.reserve_credits(
             uid, None, f"req-{i}", MICRO))
     holds = [value for kind, value in results if kind == "ok"]
     assert len(holds) == 10
@@ -104,7 +105,7 @@ def test_fifty_reservations_from_a_wallet_covering_ten(app):
     costs = [MICRO // 2, 3 * MICRO // 2] * 5
 
     def settle(i):
-        charged = billing.settle_credits(holds[i], costs[i], note="concurrent")
+        charged = holds.settle_credits(holds[i], costs[i], note="concurrent")
         db.session.commit()
         return charged
     with BalanceWatch(app, uid) as watch:
@@ -124,7 +125,7 @@ def test_key_credit_limit_holds_under_concurrency(app):
         uid = make_user("a@example.com", credits=100)
         full = make_key("a@example.com", credit_limit_micro=5 * MICRO)
         kid = db.session.scalar(db.select(ApiKey.id).filter_by(key_hash=ApiKey.hash_key(full)))
-    results = run_threads(app, 50, lambda i: billing.reserve_credits(uid, kid, f"k-{i}", MICRO))
+    results = run_threads(app, 50, lambda i: holds.reserve_credits(uid, kid, f"k-{i}", MICRO))
     assert sum(1 for kind, _ in results if kind == "ok") == 5
     assert sorted({r for r in results if r[0] != "ok"}) == [("refused", "key_credit_limit")]
     with app.app_context():
@@ -162,14 +163,14 @@ def test_reserve_settle_grant_and_sweep_racing_keep_the_ledger_exact(app):
         rng = random.Random(i)
         for n in range(12):
             try:
-                hold = billing.reserve_credits(uid, kid, f"t{i}-{n}", 300_000)
-            except ApiError:
+                hold = holds.reserve_credits(uid, kid, f"t{i}-{n}", 300_000)
+            except holds.CreditsRefused:
                 refused.append(1)
                 continue
             if rng.random() < 0.2:
-                billing.release_credits(hold)
+                holds.release_credits(hold)
                 continue
-            charged.append(billing.settle_credits(hold, rng.randrange(0, 500_000)))
+            charged.append(holds.settle_credits(hold, rng.randrange(0, 300_001)))
             db.session.commit()
 
     def top_up(i):
@@ -179,7 +180,7 @@ def test_reserve_settle_grant_and_sweep_racing_keep_the_ledger_exact(app):
 
     def sweeper(i):
         for _ in range(30):
-            billing.sweep_reservations(0)
+            holds.sweep_lapsed(0)
 
     jobs = [requests] * 8 + [top_up] * 2 + [sweeper]
     with BalanceWatch(app, uid) as watch:

@@ -4,7 +4,8 @@ from html import unescape
 
 import pytest
 
-from blueprints.api import billing
+import billing
+import holds
 from extensions import db
 from models import MICRO, Group, LedgerEntry, User
 from tests.support import login_session, make_price, make_user
@@ -16,10 +17,10 @@ def member(app):
     with app.app_context():
         uid = make_user("member@example.com")
         billing.grant_credits(uid, 10 * MICRO, note="welcome aboard")
-        hold = billing.reserve_credits(uid, None, "r-1", 2 * MICRO)
-        billing.settle_credits(hold, 1_250_000, note="gpt-4o-mini")
+        hold = holds.reserve_credits(uid, None, "r-1", 2 * MICRO)
+        holds.settle_credits(hold, 1_250_000, note="gpt-4o-mini")
         db.session.commit()
-        billing.reserve_credits(uid, None, "r-2", 2 * MICRO)  # still in flight
+        holds.reserve_credits(uid, None, "r-2", 2 * MICRO)  # still in flight
     yield uid
     with app.app_context():
         assert billing.check_ledger() == []

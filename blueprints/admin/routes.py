@@ -17,8 +17,9 @@ from blueprints.admin import channel_test
 from blueprints.admin.forms import (BalanceForm, ChannelForm, CodesForm,
                                     GroupForm, PasswordForm, PriceForm, SettingsForm,
                                     UserCreateForm, UserGroupForm, parse_models_spec)
-from blueprints.api.billing import (check_ledger, create_codes, default_reservation_ttl,
-                                    delete_price, grant_credits, set_price, sweep_reservations,
+from holds import sweep_lapsed
+from billing import (check_ledger, create_codes,
+                                    delete_price, grant_credits, set_price,
                                     user_count)
 from blueprints.auth.access import admin_required
 from blueprints.keys.forms import CreateKeyForm
@@ -539,11 +540,10 @@ def billing_check():
 @bp.post("/billing/sweep")
 @admin_required
 def billing_sweep():
-    """Release credits held by requests whose worker died, as `flask billing sweep` does."""
-    age = default_reservation_ttl()
-    released = sweep_reservations(age)
-    flash(f"Released {released} reservation{'s' if released != 1 else ''} older than {age} s.",
-          "ok")
+    """Settle holds whose worker died (lease lapsed), as `flask billing sweep` does."""
+    settled = sweep_lapsed()
+    flash(f"Settled {settled} hold{'s' if settled != 1 else ''} whose worker stopped renewing "
+          "its lease (charged at their last checkpoint).", "ok")
     return redirect(url_for(".index"))
 
 

@@ -7,25 +7,30 @@ an upstream that breaks still ends in exactly one honest log row and charge.
 """
 import ipaddress
 import json
+import math
 import time
 from dataclasses import dataclass
 
 from flask import Response, current_app, g, request, stream_with_context
+from greenlet import getcurrent
 from sqlalchemy import update
+from sqlalchemy.exc import SQLAlchemyError
 
-from blueprints.api import billing
-from cache import TTLCache
-from blueprints.api.client_watch import ClientGone, wait_for
-from blueprints.api.errors import ApiError, stream_error_event, uses_anthropic_shape
+import billing
+import holds
 import metrics
 import rate_limits
+from blueprints.api import inflight
+from blueprints.api.client_watch import ClientGone, wait_for
+from cache import TTLCache
+from blueprints.api.errors import ApiError, stream_error_event, uses_anthropic_shape
 from blueprints.api.providers import build_adaptor
 from blueprints.api.providers.base import Call, StreamBroken, UpstreamFailure, Usage
-from blueprints.api.request_log import add_request_log
 from blueprints.api.routing import choose_channels, model_exists, note_failure, note_success
-from blueprints.api.tokens import count_text, estimate_prompt_tokens, requested_output_cap
+from blueprints.api.tokens import count_text, estimate_prompt_tokens
 from extensions import db
 from models import ApiKey, Group, Setting, User, split_list, utcnow
+from request_log import add_request_log
 
 # Fields each JSON endpoint cannot do without (besides `model`).
 REQUIRED_FIELDS = {
@@ -34,8 +39,20 @@ REQUIRED_FIELDS = {
     "messages": ("messages", "max_tokens"), "messages_count_tokens": ("messages",),
 }
 MULTIPART_ENDPOINTS = ("audio_transcriptions", "audio_translations")
-# Endpoints whose answer is generated tokens (TPM admits their output cap too).
-OUTPUT_ENDPOINTS = ("chat", "completions", "responses", "messages")
+# The body fields that cap output tokens, per endpoint (the relay sends upstream exactly the
+# cap it reserved for, in the field each provider honours: see Call.output_cap).
+OUTPUT_CAP_FIELDS = {
+    "chat": ("max_completion_tokens", "max_tokens"), "completions": ("max_tokens",),
+    "responses": ("max_output_tokens",), "messages": ("max_tokens",),
+}
+MAX_OUTPUT_CAP = 2**31 - 1
+MAX_CHOICES = 128
+# Audio is reserved for as if it were 16 kbit/s (a lower bound for speech codecs): an upper
+# bound of its seconds, from the upload's size alone.
+AUDIO_BYTES_PER_SECOND = 2_000
+# Reported usage beyond (prompt estimate + output caps) by this factor is not believed.
+ABSURD_USAGE_FACTOR = 10
+ABSURD_USAGE_FLOOR = 1_000
 
 LAST_USED_RESOLUTION = 60  # seconds
 _last_used_written = {}  # key hash -> monotonic time this worker last wrote last_used_at
@@ -79,17 +96,34 @@ class Flight:
     call: Call | None = None
     price: object = None
     prompt_estimate: int = 0
+    choices: int = 1  # n (or best_of): how many outputs the cap applies to
+    images: int = 0  # images asked for (reserved at the per-image price)
+    seconds: int = 0  # upper bound of audio seconds (reserved at the per-second price)
     hold: object = None
     route: object = None
+    reply: object = None
     ttft_ms: int | None = None
+    client_ip: str | None = None
     admission: object = None  # rate_limits.Admission: TPM reservation and concurrency slots
+    # Streams: what the hold keeper needs to checkpoint and, on shutdown, interrupt them.
+    streaming: bool = False
+    greenlet: object = None
+    interrupted: str | None = None
+    checkpointed: tuple = (0, 0, 0)
+    counted: tuple = (0, 0)  # (output pieces counted, their tokens), counted incrementally
+
+    @property
+    def output_tokens_cap(self):
+        """The most output tokens the request may produce, all choices together."""
+        cap = self.call.output_cap if self.call is not None else None
+        return (cap or 0) * self.choices
 
 
 # --- the pipeline ------------------------------------------------------------------------
 
 def relay(endpoint):
     """Serve one /v1 request end to end."""
-    flight = Flight(endpoint, g.request_id, time.monotonic())
+    flight = Flight(endpoint, g.request_id, time.monotonic(), client_ip=request.remote_addr)
     metrics.request_started()
     try:
         flight.key = authenticate()
@@ -99,6 +133,7 @@ def relay(endpoint):
         flight.admission = admit(flight)
         flight.hold = reserve(flight)
         route, reply, first_chunk = forward(flight)
+        flight.reply = reply
     except ApiError as err:
         finish(flight, None, status=_status_for(err.status), http_status=err.status,
                error=err.message)
@@ -201,7 +236,34 @@ def parse_call(endpoint, request_id):
     wants_usage = stream and isinstance(options, dict) and options.get("include_usage") is True
     return Call(endpoint=endpoint, model=model, body=body, raw_body=raw,
                 content_type=request.content_type or "application/json", stream=stream,
-                wants_usage=wants_usage, request_id=request_id, headers=headers)
+                wants_usage=wants_usage, request_id=request_id, headers=headers,
+                output_cap=output_cap_of(endpoint, body))
+
+
+def output_cap_of(endpoint, body):
+    """The output tokens per choice to reserve for and send: the smallest cap the client gave
+    in the endpoint's fields, else the default cap; None for endpoints without output tokens."""
+    fields = OUTPUT_CAP_FIELDS.get(endpoint)
+    if fields is None:
+        return None
+    caps = [_bounded_int(body, name, 1, MAX_OUTPUT_CAP) for name in fields
+            if body.get(name) is not None]
+    return min(caps) if caps else _default_output_cap()
+
+
+def _bounded_int(body, name, low, high):
+    """body[name] as an int in [low, high], or a 400 naming the field."""
+    value = body.get(name)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise ApiError(400, "invalid_request_error",
+                       f"'{name}' must be an integer from {low} to {high}.", param=name)
+    return value
+
+
+def _count_of(body, name, default=1):
+    return default if body.get(name) is None else _bounded_int(body, name, 1, MAX_CHOICES)
 
 
 def _parse_multipart(endpoint, request_id, headers):
@@ -254,11 +316,9 @@ def admit(flight):
     request in (it is then counted against all of them; a refused one against none)."""
     key, call = flight.key, flight.call
     tokens = 0
-    if key.tpm or key.group_tpm:  # TPM admits the prompt estimate plus the output cap
-        flight.prompt_estimate = estimate_prompt_tokens(call.body)
-        cap = requested_output_cap(call.body, _default_output_cap()) \
-            if flight.endpoint in OUTPUT_ENDPOINTS else 0
-        tokens = flight.prompt_estimate + cap
+    if key.tpm or key.group_tpm:  # TPM admits the prompt estimate plus the output caps
+        flight.choices = measure(call)[0]
+        tokens = estimate_prompt_tokens(call.body) + flight.output_tokens_cap
     parties = (rate_limits.Party("key", key.id, key.rpm, key.tpm, key.concurrency, "this key"),
                rate_limits.Party("user", key.user_id, key.group_rpm, key.group_tpm,
                                  key.group_concurrency, "your group"))
@@ -273,13 +333,39 @@ def admit(flight):
 
 
 def reserve(flight):
-    """Hold the most this request can cost: prompt estimate + its output cap."""
-    call = flight.call
+    """Hold the most this request can cost: the prompt estimate, its output cap times its
+    choices, its images and its audio seconds; 402 when the wallet or key cannot cover it."""
+    call, key = flight.call, flight.key
     flight.prompt_estimate = estimate_prompt_tokens(call.body)
-    cap = requested_output_cap(call.body, _default_output_cap())
-    amount = billing.hold_estimate_micro(flight.price, flight.prompt_estimate, cap,
-                                         flight.key.multiplier_ppm)
-    return billing.reserve_credits(flight.key.user_id, flight.key.id, flight.request_id, amount)
+    flight.choices, flight.images, flight.seconds = measure(call)
+    amount = billing.hold_micro(flight.price, flight.prompt_estimate, flight.output_tokens_cap,
+                                key.multiplier_ppm, images=flight.images, seconds=flight.seconds)
+    try:
+        hold = holds.reserve_credits(
+            key.user_id, key.id, flight.request_id, amount, key_name=key.name,
+            model=call.model, endpoint=flight.endpoint, is_stream=call.stream,
+            client_ip=flight.client_ip)
+    except holds.CreditsRefused as refused:
+        raise ApiError(402, refused.code, str(refused)) from None
+    if hold.held:
+        inflight.register(flight)
+    return hold
+
+
+def measure(call):
+    """(choices, images, audio seconds) the request may produce, for its hold."""
+    body = call.body or {}
+    if call.endpoint in ("chat", "completions"):
+        choices = _count_of(body, "n")
+        if call.endpoint == "completions":  # best_of completions are generated and billed
+            choices = max(choices, _count_of(body, "best_of"))
+        return choices, 0, 0
+    if call.endpoint == "images":
+        return 1, _count_of(body, "n"), 0
+    if call.endpoint in MULTIPART_ENDPOINTS:
+        size = sum(len(content) for _, _, content, _ in call.files)
+        return 1, 0, max(1, math.ceil(size / AUDIO_BYTES_PER_SECOND))
+    return 1, 0, 0
 
 
 def _default_output_cap():
@@ -356,26 +442,22 @@ def _no_channel_answered(model, failures):
 
 
 def deliver_whole(flight, reply):
-    """A whole body; settling and logging run after the bytes are handed to the server."""
-    body = reply.body
-
-    def send_then_settle():
-        try:
-            yield body
-        finally:
-            finish(flight, reply, status="Success", http_status=reply.status)
-
-    response = Response(stream_with_context(send_then_settle()), status=reply.status,
-                        content_type=reply.content_type)
-    response.headers["Content-Length"] = str(len(body))
+    """A whole body: settled and logged first (one transaction), then handed to the client,
+    so a worker that dies while sending has already billed what the upstream produced."""
+    finish(flight, reply, status="Success", http_status=reply.status)
+    response = Response(reply.body, status=reply.status, content_type=reply.content_type)
+    response.headers.update(reply.headers)
     return response
 
 
 def deliver_stream(flight, reply, first_chunk):
-    """Forward each event the moment it arrives; settle and log in the generator's finally."""
+    """Forward each event the moment it arrives; settle and log in the generator's finally.
+    While it runs, the hold keeper checkpoints what it has delivered (inflight.py)."""
     anthropic = uses_anthropic_shape()
 
     def events():
+        flight.greenlet = getcurrent()
+        flight.streaming = True
         outcome = {"status": "Success", "http_status": 200, "error": None}
         try:
             if first_chunk:
@@ -383,12 +465,15 @@ def deliver_stream(flight, reply, first_chunk):
             for chunk in reply.chunks():
                 yield chunk
                 rate_limits.renew(flight.admission)  # at most every few seconds
-        except StreamBroken as err:
-            outcome.update(status="Timeout" if err.timeout else "Failed", error=str(err))
-            yield stream_error_event(f"The upstream stream broke: {err}", anthropic)
+        except (StreamBroken, inflight.StreamInterrupted) as err:
+            reason = flight.interrupted or str(err)
+            timed_out = getattr(err, "timeout", False) and not flight.interrupted
+            outcome.update(status="Timeout" if timed_out else "Failed", error=reason)
+            message = reason if flight.interrupted else f"The upstream stream broke: {err}"
+            yield stream_error_event(message, anthropic)
         except GeneratorExit:
             outcome.update(status="Failed", http_status=499,
-                           error="client closed the connection")
+                           error=flight.interrupted or "client closed the connection")
             raise
         except Exception:  # a bug must still end the stream cleanly, billed and logged
             current_app.logger.exception("stream %s failed", flight.request_id)
@@ -396,31 +481,55 @@ def deliver_stream(flight, reply, first_chunk):
             yield stream_error_event("The gateway failed while streaming.", anthropic,
                                      code="internal_error")
         finally:
+            flight.streaming = False
             reply.close()
             finish(flight, reply, **outcome)
 
     response = Response(stream_with_context(events()), status=reply.status,
                         content_type=reply.content_type)
+    response.headers.update(reply.headers)
     response.headers["Cache-Control"] = "no-cache"
     response.headers["X-Accel-Buffering"] = "no"
     return response
 
 
 def finish(flight, reply, status, http_status, error=None):
-    """Settle the credits, write the log row and count tokens. Never raises: the response
-    is already out, and a hold left behind by a failure here is released by the sweeper."""
-    usage, charged = Usage(), 0
+    """Settle the credits and write the log row in one transaction. Never raises and never
+    loses a charge: on a database error the settlement is retried by the hold keeper (which
+    keeps the lease alive meanwhile); on any other failure the hold is left to its lease,
+    and the sweeper settles it at its last checkpoint."""
+    usage, outcome = Usage(), {"charged": 0}
     try:
-        usage, estimated = _metered_usage(flight, reply)
-        charged, state = settle(flight, reply, usage, estimated)
-        write_log(flight, usage, charged, state, estimated, status, http_status, error)
+        usage, estimated = metered_usage(flight, reply)
+        cost = _cost(flight, usage) if reply is not None else 0
+    except Exception:  # noqa: BLE001
+        current_app.logger.exception("could not meter request %s", flight.request_id)
+        inflight.forget(flight)
+        release_limits(flight, usage)
+        metrics.observe_request(flight, usage, 0, http_status)
+        return
+
+    def settle_and_log():
+        charged, state = settle(flight, reply, cost, estimated)
+        if charged is not None:  # None: the sweeper settled and logged it already
+            outcome["charged"] = charged
+            write_log(flight, usage, charged, state, estimated, status, http_status, error)
         db.session.commit()
+
+    try:
+        settle_and_log()
+    except SQLAlchemyError:
+        db.session.rollback()
+        current_app.logger.exception("settling %s failed; the hold keeper will retry",
+                                     flight.request_id)
+        inflight.defer(flight, settle_and_log)
     except Exception:  # noqa: BLE001
         db.session.rollback()
         current_app.logger.exception("could not settle/log request %s", flight.request_id)
     finally:
+        inflight.forget(flight)
         release_limits(flight, usage)
-        metrics.observe_request(flight, usage, charged, http_status)
+        metrics.observe_request(flight, usage, outcome["charged"], http_status)
 
 
 def release_limits(flight, usage):
@@ -431,19 +540,33 @@ def release_limits(flight, usage):
         current_app.logger.exception("could not release the limits of %s", flight.request_id)
 
 
-def settle(flight, reply, usage, estimated):
-    """(charged micro-credits, billing state). Every request ends billed, estimated or void:
-    void when nothing was generated (the hold goes back whole), else charged for the usage
-    in the caller's transaction, so the charge and its log row commit together."""
+def settle(flight, reply, cost, estimated):
+    """(charged micro-credits or None if swept already, billing state), in the caller's
+    transaction. Void (the hold goes back whole) only when nothing came back upstream."""
     if flight.hold is None:
         return 0, "void"
-    if reply is None or not (usage.prompt_tokens or usage.completion_tokens):
-        billing.release_credits(flight.hold)
-        return 0, "void"
-    cost = billing.cost_micro(flight.price, usage.prompt_tokens, usage.completion_tokens,
-                              usage.cached_tokens, flight.key.multiplier_ppm)
-    charged = billing.settle_credits(flight.hold, cost, note=flight.call.model)
+    if reply is None:
+        return (0 if holds.settle_credits(flight.hold, 0) is not None else None), "void"
+    charged = holds.settle_credits(flight.hold, cost, note=flight.call.model)
     return charged, "estimated" if estimated else "billed"
+
+
+def _cost(flight, usage):
+    return billing.usage_cost_micro(flight.price, usage, flight.key.multiplier_ppm)
+
+
+def delivered_so_far(flight):
+    """(usage, cost) of what a live stream has delivered: the hold keeper's checkpoint."""
+    reply = flight.reply
+    usage = reply.usage
+    if not usage.reported:
+        pieces, tokens = flight.counted
+        new = reply.output_text[pieces:]
+        if new:
+            tokens += count_text("".join(new))
+            flight.counted = (pieces + len(new), tokens)
+        usage = _estimated_usage(flight, reply, tokens)
+    return usage, _cost(flight, usage)
 
 
 def write_log(flight, usage, charged, state, estimated, status, http_status, error):
@@ -463,7 +586,7 @@ def write_log(flight, usage, charged, state, estimated, status, http_status, err
         prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
         cached_tokens=usage.cached_tokens, credits_micro=charged, status=status,
         http_status=http_status, latency_ms=_elapsed_ms(flight), ttft_ms=flight.ttft_ms,
-        estimated=estimated, billing=state, error=error, client_ip=request.remote_addr)
+        estimated=estimated, billing=state, error=error, client_ip=flight.client_ip)
 
 
 def _last_used_is_stale(key_hash):
@@ -477,16 +600,55 @@ def _last_used_is_stale(key_hash):
     return True
 
 
-def _metered_usage(flight, reply):
-    """Upstream usage when reported; otherwise counted locally and marked estimated."""
+def metered_usage(flight, reply):
+    """(usage, estimated): the upstream's final usage when it reported a believable one;
+    otherwise what was delivered, counted locally, and marked estimated."""
     if reply is None:
         return Usage(), False
     usage = reply.usage
-    if usage.reported:
+    if usage.reported and _believable(flight, usage):
         return usage, False
-    estimate = Usage(prompt_tokens=flight.prompt_estimate,
-                     completion_tokens=count_text("".join(reply.output_text)))
-    return estimate, True
+    return _estimated_usage(flight, reply, count_text("".join(reply.output_text))), True
+
+
+def _believable(flight, usage):
+    """Whole non-negative numbers within 10x of what the request could produce (SPEC §10)."""
+    fields = (usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens,
+              usage.cache_write_tokens, usage.images, usage.seconds)
+    if getattr(usage, "garbled", False) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in fields):
+        return False
+    bound = _absurd_bound(flight)
+    return (usage.prompt_tokens + usage.completion_tokens <= bound
+            and usage.cached_tokens + usage.cache_write_tokens <= usage.prompt_tokens
+            and usage.images <= ABSURD_USAGE_FACTOR * max(flight.images, 1)
+            and usage.seconds <= ABSURD_USAGE_FACTOR * max(flight.seconds, 1) + 60)
+
+
+def _absurd_bound(flight):
+    return ABSURD_USAGE_FACTOR * (flight.prompt_estimate + flight.output_tokens_cap) \
+        + ABSURD_USAGE_FLOOR
+
+
+def _estimated_usage(flight, reply, counted_output):
+    """Usage from what we know: believable partial numbers, else the local counts."""
+    reported = reply.usage
+    bound = _absurd_bound(flight)
+
+    def sane(value, limit=bound):
+        ok = isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= limit
+        return value if ok else 0
+
+    prompt = sane(reported.prompt_tokens) or flight.prompt_estimate
+    cached = sane(reported.cached_tokens, prompt)
+    # Images and audio seconds nobody reported are taken at what was asked / reserved for.
+    images = sane(reported.images, ABSURD_USAGE_FACTOR * max(flight.images, 1)) or flight.images
+    seconds = sane(reported.seconds, ABSURD_USAGE_FACTOR * max(flight.seconds, 1)) \
+        or flight.seconds
+    return Usage(prompt_tokens=prompt,
+                 completion_tokens=max(sane(reported.completion_tokens), counted_output),
+                 cached_tokens=cached,
+                 cache_write_tokens=sane(reported.cache_write_tokens, prompt - cached),
+                 images=images, seconds=seconds)
 
 
 def _status_for(http_status):

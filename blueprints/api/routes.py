@@ -5,7 +5,7 @@ from datetime import datetime, timezone
 
 from flask import Blueprint, g, jsonify, request
 
-from blueprints.api import billing
+import billing
 from blueprints.api.errors import ApiError, uses_anthropic_shape
 from blueprints.api.relay import authenticate, count_message_tokens, relay
 from extensions import db

@@ -2,7 +2,7 @@
 from flask import current_app
 from sqlalchemy.exc import IntegrityError
 
-from blueprints.api.billing import grant_credits, redeem_code
+from billing import grant_credits, redeem_code
 from bootstrap import create_user
 from extensions import db
 from models import RedemptionCode, Setting, User, utcnow

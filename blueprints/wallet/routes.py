@@ -2,7 +2,7 @@
 from flask import Blueprint, flash, redirect, render_template, request, url_for
 from flask_login import current_user, login_required
 
-from blueprints.api.billing import Price, redeem_code
+from billing import Price, redeem_code
 from blueprints.queries import paginate
 from blueprints.wallet.forms import RedeemForm
 from extensions import db

@@ -1,13 +1,13 @@
 """concurrency limits on groups and keys
 
 Revision ID: 0003_limits
-Revises: 0001
+Revises: 0002_money
 """
 from alembic import op
 import sqlalchemy as sa
 
 revision = "0003_limits"
-down_revision = "0001"
+down_revision = "0002_money"  # re-chained after merging main (was "0001")
 branch_labels = None
 depends_on = None
 

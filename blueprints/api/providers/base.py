@@ -41,16 +41,27 @@ class Usage:
     images: int = 0  # images generated
     seconds: int = 0  # audio seconds (transcription / translation), rounded up
     reported: bool = False  # True once the upstream's final usage arrived
+    garbled: bool = False  # the upstream sent a number that is not a whole number
 
     def add_reported(self, prompt=None, completion=None, cached=None):
         """Record numbers the upstream reported (None leaves a field as it was)."""
         if prompt is not None:
-            self.prompt_tokens = int(prompt)
+            self.prompt_tokens = self.whole(prompt)
         if completion is not None:
-            self.completion_tokens = int(completion)
+            self.completion_tokens = self.whole(completion)
         if cached is not None:
-            self.cached_tokens = int(cached)
+            self.cached_tokens = self.whole(cached)
         self.reported = True
+
+    def whole(self, value):
+        """An upstream's count as an int; anything else (strings, fractions, 1e30 as a float,
+        booleans) counts 0 and marks the usage garbled, so the relay counts locally."""
+        if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+            value = int(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        self.garbled = True
+        return 0
 
 
 @dataclass

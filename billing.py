@@ -15,7 +15,6 @@ from fractions import Fraction
 from flask import current_app
 from sqlalchemy import bindparam, delete, func, insert, or_, select, update
 
-from blueprints.api.errors import ApiError
 from cache import TTLCache
 from extensions import db
 from models import MICRO, ApiKey, LedgerEntry, ModelPrice, RedemptionCode, RequestLog, \
@@ -33,24 +32,32 @@ CODES = RedemptionCode.__table__
 
 @dataclass(frozen=True)
 class Price:
-    """A model's price: micro-credits per 1M tokens, and a flat micro-credit per-request fee."""
+    """A model's price: micro-credits per 1M tokens (input, output, cached input, cache
+    write) and flat micro-credits per request, per image and per audio second."""
     model: str
     input_micro: int
     output_micro: int
     cached_input_micro: int
     per_request_micro: int
+    cache_write_micro: int = 0
+    per_image_micro: int = 0
+    per_second_micro: int = 0
 
     @classmethod
     def from_row(cls, row):
-        """A Price from a ModelPrice row (a missing cached-input price means the input price)."""
-        cached = row.input_micro if row.cached_input_micro is None else row.cached_input_micro
+        """A Price from a ModelPrice row (missing cache prices mean the input price)."""
+        def or_input(value):
+            return int(row.input_micro or 0) if value is None else int(value)
         return cls(row.model, int(row.input_micro or 0), int(row.output_micro or 0),
-                   int(cached or 0), int(row.per_request_micro or 0))
+                   or_input(row.cached_input_micro), int(row.per_request_micro or 0),
+                   or_input(row.cache_write_micro), int(row.per_image_micro or 0),
+                   int(row.per_second_micro or 0))
 
     @property
     def is_free(self):
         return not (self.input_micro or self.output_micro or self.cached_input_micro
-                    or self.per_request_micro)
+                    or self.per_request_micro or self.cache_write_micro
+                    or self.per_image_micro or self.per_second_micro)
 
 
 _prices = TTLCache(depends_on=(ModelPrice,))
@@ -71,20 +78,26 @@ def price_for(model):
     return _prices.get(model, lambda: _load_price(model))
 
 
-def set_price(model, input_micro, output_micro, cached_input_micro=None, per_request_micro=0):
-    """Create or replace a model's price (micro-credits per 1M tokens); commits."""
+def set_price(model, input_micro, output_micro, cached_input_micro=None, per_request_micro=0,
+              cache_write_micro=None, per_image_micro=0, per_second_micro=0):
+    """Create or replace a model's price (micro-credits per 1M tokens, flat fees); commits."""
     model = (model or "").strip()
     if not model:
         raise ValueError("model name is required")
     for name, value in (("input", input_micro), ("output", output_micro),
-                        ("cached input", cached_input_micro), ("per request", per_request_micro)):
+                        ("cached input", cached_input_micro), ("per request", per_request_micro),
+                        ("cache write", cache_write_micro), ("per image", per_image_micro),
+                        ("per second", per_second_micro)):
         if value is not None and (not isinstance(value, int) or value < 0):
             raise ValueError(f"{name} price must be a non-negative amount of credits")
     row = db.session.scalar(select(ModelPrice).filter_by(model=model)) or ModelPrice(model=model)
     row.input_micro = input_micro
     row.output_micro = output_micro
     row.cached_input_micro = cached_input_micro
+    row.cache_write_micro = cache_write_micro
     row.per_request_micro = per_request_micro or 0
+    row.per_image_micro = per_image_micro or 0
+    row.per_second_micro = per_second_micro or 0
     db.session.add(row)
     db.session.commit()  # the ORM flush cleared this worker's price cache
     return row
@@ -100,37 +113,48 @@ def delete_price(model):
     return True
 
 
-def cost_micro(price, prompt_tokens, completion_tokens, cached_tokens, multiplier_ppm):
-    """SPEC §9: (((prompt-cached)*in + cached*cached_in + completion*out)/1M + per_request)
-    * multiplier, rounded UP to a whole micro-credit once. Pure integer arithmetic."""
-    prompt = max(int(prompt_tokens or 0), 0)
-    cached = min(max(int(cached_tokens or 0), 0), prompt)  # prompt_tokens includes cached ones
-    completion = max(int(completion_tokens or 0), 0)
+def cost_micro(price, prompt_tokens, completion_tokens, cached_tokens, multiplier_ppm,
+               cache_write_tokens=0, images=0, seconds=0):
+    """SPEC §9/§10: (((prompt - cached - written) * in + cached * cached_in
+    + written * cache_write + completion * out) / 1M + per_request + images * per_image
+    + seconds * per_second) * multiplier, rounded UP to a whole micro-credit once. Integers only.
+    `prompt_tokens` includes cached reads and cache writes, as OpenAI reports them."""
+    prompt = _count(prompt_tokens)
+    cached = min(_count(cached_tokens), prompt)
+    written = min(_count(cache_write_tokens), prompt - cached)
     # Everything scaled by 1M tokens (price unit) and by 1M ppm, divided once at the end.
-    scaled = ((prompt - cached) * price.input_micro + cached * price.cached_input_micro
-              + completion * price.output_micro
-              + price.per_request_micro * TOKENS_PER_PRICE_UNIT) * max(int(multiplier_ppm), 0)
+    flat = (price.per_request_micro + _count(images) * price.per_image_micro
+            + _count(seconds) * price.per_second_micro)
+    scaled = ((prompt - cached - written) * price.input_micro
+              + cached * price.cached_input_micro + written * price.cache_write_micro
+              + _count(completion_tokens) * price.output_micro
+              + flat * TOKENS_PER_PRICE_UNIT) * max(int(multiplier_ppm), 0)
     return -(-scaled // (TOKENS_PER_PRICE_UNIT * MICRO))  # ceiling division
 
 
-def hold_estimate_micro(price, prompt_tokens, max_output_tokens, multiplier_ppm):
-    """What to reserve before forwarding (cost of prompt estimate + max output)."""
-    # No cache discount assumed: the hold is an upper bound of the final cost.
-    upper = Price(price.model, max(price.input_micro, price.cached_input_micro),
-                  price.output_micro, price.cached_input_micro, price.per_request_micro)
-    return cost_micro(upper, prompt_tokens, max_output_tokens, 0, multiplier_ppm)
+def usage_cost_micro(price, usage, multiplier_ppm):
+    """cost_micro of a providers.base.Usage (or anything with the same fields)."""
+    return cost_micro(price, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens,
+                      multiplier_ppm, usage.cache_write_tokens, usage.images, usage.seconds)
 
 
-# --- reservations ------------------------------------------------------------------------
+def hold_micro(price, prompt_tokens, output_tokens, multiplier_ppm, images=0, seconds=0):
+    """What to reserve before forwarding: the most the request can cost. No cache discount is
+    assumed and every prompt token is priced at the dearest input rate."""
+    dearest = max(price.input_micro, price.cached_input_micro, price.cache_write_micro)
+    upper = Price(price.model, dearest, price.output_micro, dearest, price.per_request_micro,
+                  dearest, price.per_image_micro, price.per_second_micro)
+    return cost_micro(upper, prompt_tokens, output_tokens, 0, multiplier_ppm,
+                      images=images, seconds=seconds)
 
-@dataclass
-class Hold:
-    """Credits reserved for one in-flight request."""
-    request_id: str
-    user_id: int
-    key_id: int | None
-    amount_micro: int
-    reservation_id: int | None  # None when amount is 0 (free model: nothing written)
+
+def _count(value):
+    """A token/image/second count as a non-negative int (anything else counts 0)."""
+    return value if isinstance(value, int) and value > 0 else 0
+
+
+def _credits(micro):
+    return format_credits(micro)
 
 
 def _expire(model, row_id):
@@ -138,195 +162,6 @@ def _expire(model, row_id):
     obj = db.session.identity_map.get(db.session.identity_key(model, row_id))
     if obj is not None:
         db.session.expire(obj)
-
-
-def _credits(micro):
-    return format_credits(micro)
-
-
-# Built once: constructing these per request costs more than running them.
-_RESERVE_USER = (
-    update(USERS).where(USERS.c.id == bindparam("uid"),
-                        USERS.c.balance_micro - USERS.c.reserved_micro >= bindparam("amount"))
-    .values(reserved_micro=USERS.c.reserved_micro + bindparam("amount")))
-_RESERVE_KEY = (
-    update(KEYS).where(KEYS.c.id == bindparam("kid"), or_(
-        KEYS.c.credit_limit_micro.is_(None),
-        KEYS.c.spent_micro + KEYS.c.reserved_micro + bindparam("amount")
-        <= KEYS.c.credit_limit_micro))
-    .values(reserved_micro=KEYS.c.reserved_micro + bindparam("amount")))
-_INSERT_RESERVATION = insert(RESERVATIONS).values(
-    {name: bindparam(name) for name in
-     ("request_id", "user_id", "key_id", "amount_micro", "created_at")})
-
-
-def reserve_credits(user_id, key_id, request_id, amount_micro):
-    """One atomic conditional UPDATE on the user (available = balance - reserved >= amount)
-    and one on the key (spent + reserved + amount <= credit_limit when it has a limit), plus a
-    Reservation row; COMMITS. Raises ApiError(402, 'insufficient_credits', ...) or
-    ApiError(402, 'key_credit_limit', ...) and leaves nothing behind."""
-    amount = int(amount_micro)
-    if amount < 0:
-        raise ValueError("a reservation cannot be negative")
-    if amount == 0:
-        return Hold(request_id, user_id, key_id, 0, None)
-    try:
-        took = db.session.execute(_RESERVE_USER, {"uid": user_id, "amount": amount})
-        if took.rowcount != 1:
-            db.session.rollback()
-            raise _insufficient(user_id, amount)
-        if key_id is not None:
-            took = db.session.execute(_RESERVE_KEY, {"kid": key_id, "amount": amount})
-            if took.rowcount != 1:
-                db.session.rollback()
-                raise _key_limit(key_id, amount)
-        inserted = db.session.execute(_INSERT_RESERVATION, {
-            "request_id": request_id, "user_id": user_id, "key_id": key_id,
-            "amount_micro": amount, "created_at": utcnow()})
-        reservation_id = inserted.inserted_primary_key[0]
-        db.session.commit()
-    except BaseException:
-        db.session.rollback()
-        raise
-    _expire(User, user_id)
-    if key_id is not None:
-        _expire(ApiKey, key_id)
-    return Hold(request_id, user_id, key_id, amount, reservation_id)
-
-
-def _insufficient(user_id, amount):
-    row = db.session.execute(select(USERS.c.balance_micro, USERS.c.reserved_micro)
-                             .where(USERS.c.id == user_id)).first()
-    available = max(row.balance_micro - row.reserved_micro, 0) if row else 0
-    in_flight = (f" ({_credits(row.reserved_micro)} credits are held by requests in flight)"
-                 if row and row.reserved_micro else "")
-    return ApiError(402, "insufficient_credits",
-                    f"Insufficient credits: this request may cost up to {_credits(amount)} "
-                    f"credits; your available balance is {_credits(available)}{in_flight}. "
-                    "Top up your wallet or lower max_tokens.")
-
-
-def _key_limit(key_id, amount):
-    row = db.session.execute(select(KEYS.c.credit_limit_micro, KEYS.c.spent_micro,
-                                    KEYS.c.reserved_micro).where(KEYS.c.id == key_id)).first()
-    if row is None:
-        return ApiError(402, "key_credit_limit", "This API key no longer exists.")
-    left = max(row.credit_limit_micro - row.spent_micro - row.reserved_micro, 0)
-    return ApiError(402, "key_credit_limit",
-                    f"This API key's credit limit is reached: this request may cost up to "
-                    f"{_credits(amount)} credits and the key has {_credits(left)} of its "
-                    f"{_credits(row.credit_limit_micro)}-credit limit left. Ask for a higher "
-                    "limit or lower max_tokens.")
-
-
-def _release_reservation(reservation_id, user_id, key_id, amount):
-    """Delete the reservation and give its amount back; 0 if someone else already did."""
-    released = _delete_reservation(reservation_id, amount)
-    if released:
-        db.session.execute(update(USERS).where(USERS.c.id == user_id)
-                           .values(reserved_micro=USERS.c.reserved_micro - released))
-        if key_id is not None:
-            db.session.execute(update(KEYS).where(KEYS.c.id == key_id)
-                               .values(reserved_micro=KEYS.c.reserved_micro - released))
-    return released
-
-
-def _delete_reservation(reservation_id, amount):
-    """The amount to give back: `amount` if this call deleted the row, else 0."""
-    if reservation_id is None:
-        return 0
-    gone = db.session.execute(_DELETE_RESERVATION, {"rid": reservation_id})
-    return amount if gone.rowcount == 1 else 0  # 0: the sweeper released it already
-
-
-# settle_credits runs once per request: its statements are built once, not per call.
-_DELETE_RESERVATION = delete(RESERVATIONS).where(RESERVATIONS.c.id == bindparam("rid"))
-_RELEASE_AND_READ = (
-    update(USERS).where(USERS.c.id == bindparam("uid"))
-    .values(reserved_micro=USERS.c.reserved_micro - bindparam("released"))
-    .returning(USERS.c.balance_micro, USERS.c.reserved_micro))
-_CHARGE_USER = (update(USERS).where(USERS.c.id == bindparam("uid"))
-                .values(balance_micro=USERS.c.balance_micro - bindparam("charged")))
-_SETTLE_KEY = (update(KEYS).where(KEYS.c.id == bindparam("kid"))
-               .values(reserved_micro=KEYS.c.reserved_micro - bindparam("released"),
-                       spent_micro=KEYS.c.spent_micro + bindparam("charged")))
-_INSERT_LEDGER = insert(LedgerEntry.__table__)
-
-
-def settle_credits(hold, cost_micro, note=None):
-    """In the CALLER's transaction (does not commit): release the hold, charge
-    min(cost, what the wallet can cover) so the balance never goes negative, add the key's
-    spent, delete the Reservation row (if the sweeper already released it, do not release
-    twice), write a LedgerEntry(kind='charge', amount=-charged, request_id=hold.request_id).
-    Returns the micro-credits actually charged (0 writes no ledger row)."""
-    cost = max(int(cost_micro), 0)
-    released = _delete_reservation(hold.reservation_id, hold.amount_micro)
-    charged = 0
-    if released or cost:
-        # Releasing first takes the user's row lock (PostgreSQL) / the write lock (SQLite),
-        # so the balance it returns cannot change before the charge below.
-        row = db.session.execute(_RELEASE_AND_READ,
-                                 {"uid": hold.user_id, "released": released}).first()
-        if row is not None:
-            # What is not held for other in-flight requests covers this one.
-            charged = min(cost, max(row.balance_micro - row.reserved_micro, 0))
-    if charged:
-        db.session.execute(_CHARGE_USER, {"uid": hold.user_id, "charged": charged})
-        db.session.execute(_INSERT_LEDGER, {
-            "user_id": hold.user_id, "kind": "charge", "amount_micro": -charged,
-            "balance_after_micro": row.balance_micro - charged, "note": note,
-            "request_id": hold.request_id, "created_at": utcnow()})
-    if hold.key_id is not None and (released or charged):
-        db.session.execute(_SETTLE_KEY, {"kid": hold.key_id, "released": released,
-                                         "charged": charged})
-    _expire(User, hold.user_id)
-    if hold.key_id is not None:
-        _expire(ApiKey, hold.key_id)
-    return charged
-
-
-def release_credits(hold):
-    """Give a hold back untouched (request failed before anything was generated); commits."""
-    try:
-        _release_reservation(hold.reservation_id, hold.user_id, hold.key_id, hold.amount_micro)
-        db.session.commit()
-    except BaseException:
-        db.session.rollback()
-        raise
-    _expire(User, hold.user_id)
-    if hold.key_id is not None:
-        _expire(ApiKey, hold.key_id)
-
-
-def default_reservation_ttl():
-    """Seconds after which a reservation is presumed orphaned by a dead worker."""
-    config = current_app.config
-    return int(config.get("RESERVATION_TTL") or (config.get("UPSTREAM_TIMEOUT", 600) + 120))
-
-
-def sweep_reservations(max_age_seconds=None):
-    """Release reservations older than max_age (their worker died); returns how many."""
-    if max_age_seconds is None:
-        max_age_seconds = default_reservation_ttl()
-    cutoff = utcnow() - timedelta(seconds=int(max_age_seconds))
-    stale = db.session.execute(
-        select(RESERVATIONS.c.id, RESERVATIONS.c.user_id, RESERVATIONS.c.key_id,
-               RESERVATIONS.c.amount_micro)
-        .where(RESERVATIONS.c.created_at < cutoff).order_by(RESERVATIONS.c.id)).all()
-    db.session.commit()  # end the read so each release starts with its write
-    released = 0
-    for row in stale:
-        try:
-            if _release_reservation(row.id, row.user_id, row.key_id, row.amount_micro):
-                released += 1
-            db.session.commit()
-        except BaseException:
-            db.session.rollback()
-            raise
-        _expire(User, row.user_id)
-        if row.key_id is not None:
-            _expire(ApiKey, row.key_id)
-    return released
 
 
 # --- grants, codes -----------------------------------------------------------------------
@@ -432,13 +267,17 @@ def check_ledger():
     reservations != reserved_micro, or keys whose reserved != their open reservations. [] = clean."""
     ledger = (select(LedgerEntry.user_id, func.sum(LedgerEntry.amount_micro).label("total"))
               .group_by(LedgerEntry.user_id).subquery())
+    overrun = (select(LedgerEntry.user_id, func.sum(-LedgerEntry.amount_micro).label("total"))
+               .where(LedgerEntry.kind == "overrun").group_by(LedgerEntry.user_id).subquery())
     held = (select(RESERVATIONS.c.user_id, func.sum(RESERVATIONS.c.amount_micro).label("total"))
             .group_by(RESERVATIONS.c.user_id).subquery())
     users = db.session.execute(
         select(USERS.c.id, USERS.c.email, USERS.c.balance_micro, USERS.c.reserved_micro,
                func.coalesce(ledger.c.total, 0).label("ledger"),
-               func.coalesce(held.c.total, 0).label("held"))
+               func.coalesce(held.c.total, 0).label("held"),
+               func.coalesce(overrun.c.total, 0).label("overrun"))
         .outerjoin(ledger, ledger.c.user_id == USERS.c.id)
+        .outerjoin(overrun, overrun.c.user_id == USERS.c.id)
         .outerjoin(held, held.c.user_id == USERS.c.id).order_by(USERS.c.id)).all()
     lines = []
     for u in users:
@@ -449,8 +288,9 @@ def check_ledger():
         if u.reserved_micro != u.held:
             lines.append(f"user {u.email}: reserved {_credits(u.reserved_micro)} but open "
                          f"reservations hold {_credits(u.held)}")
-        if u.balance_micro < 0:
-            lines.append(f"user {u.email}: negative balance {_credits(u.balance_micro)}")
+        if u.balance_micro < 0 and -u.balance_micro > u.overrun:
+            lines.append(f"user {u.email}: negative balance {_credits(u.balance_micro)} "
+                         f"beyond the {_credits(u.overrun)} credits of recorded overruns")
     key_held = (select(RESERVATIONS.c.key_id, func.sum(RESERVATIONS.c.amount_micro)
                        .label("total")).group_by(RESERVATIONS.c.key_id).subquery())
     keys = db.session.execute(
