@@ -5,7 +5,8 @@ group limits) and is counted only when it passes them all: the check and the cou
 one Lua script in Redis (exact across workers and nodes) or one uninterrupted block of
 Python in memory (exact inside the one worker `make run` starts without Redis).
 
-- RPM and TPM count in fixed minute windows of Redis's clock.
+- RPM and TPM count in minute windows that start with a party's first counted request
+  (on Redis's clock), like Flask-Limiter's fixed window.
 - TPM admits by reservation: the prompt estimate plus the output cap go in when the
   request is admitted, and `release` corrects them to the actual tokens, so the tokens
   admitted in a minute never exceed the limit.
@@ -69,10 +70,10 @@ class Admission:
     request_id: str
     parties: tuple = ()
     tokens: int = 0
-    window: int = 0
     backend: str | None = None  # "redis", "memory", or None (nothing counted)
     used: tuple = ()  # per party: (requests, tokens, in flight) after this admission
-    reset: int = 60  # seconds until the minute window resets
+    windows: tuple = ()  # per party: the id of the minute window it was counted in
+    resets: tuple = ()  # per party: seconds until that window ends
     renewed_at: float = field(default_factory=time.monotonic)
     released: bool = False
 
@@ -100,10 +101,11 @@ def admit(request_id, parties, tokens=0):
     else:
         result = _memory.admit(request_id, parties, tokens, _lease_seconds())
         backend = "memory"
-    ok, index, kind, retry, window, used = result
-    if not ok:
+    if not result[0]:
+        _, index, kind, retry, used = result
         raise _refusal(parties[index], kind, retry, used, tokens)
-    return Admission(request_id, parties, tokens, window, backend, used, retry)
+    _, used, windows, resets = result
+    return Admission(request_id, parties, tokens, backend, used, windows, resets)
 
 
 def renew(admission, force=False):
@@ -133,18 +135,19 @@ def release(admission, actual_tokens=None):
     admission.released = True
     slots = [p.prefix for p in admission.parties if p.concurrency]
     delta = 0 if actual_tokens is None else int(actual_tokens) - admission.tokens
-    tpm = [p.prefix for p in admission.parties if p.tpm] if delta else []
+    tpm = [(p.prefix, window) for p, window in zip(admission.parties, admission.windows)
+           if p.tpm] if delta else []
     if not slots and not tpm:
         return
     if admission.backend == "redis":
         try:
             redis_store.run(lambda conn: _scripts(conn)["release"](
-                keys=slots + tpm, args=[admission.request_id, len(slots), admission.window,
-                                        delta]))
+                keys=slots + [prefix for prefix, _ in tpm],
+                args=[admission.request_id, len(slots), delta] + [w for _, w in tpm]))
         except redis_store.Unavailable:
             pass  # the lease lapses by itself
     else:
-        _memory.release(admission.request_id, slots, tpm, admission.window, delta)
+        _memory.release(admission.request_id, slots, tpm, delta)
 
 
 def headers(admission):
@@ -155,16 +158,16 @@ def headers(admission):
     for kind, position, limit_of in (("requests", 0, lambda p: p.rpm),
                                      ("tokens", 1, lambda p: p.tpm)):
         best = None
-        for party, used in zip(admission.parties, admission.used):
+        for party, used, reset in zip(admission.parties, admission.used, admission.resets):
             limit = limit_of(party)
             if limit:
                 remaining = max(limit - used[position], 0)
                 if best is None or remaining < best[1]:
-                    best = (limit, remaining)
+                    best = (limit, remaining, reset)
         if best:
             out[f"x-ratelimit-limit-{kind}"] = str(best[0])
             out[f"x-ratelimit-remaining-{kind}"] = str(best[1])
-            out[f"x-ratelimit-reset-{kind}"] = f"{admission.reset}s"
+            out[f"x-ratelimit-reset-{kind}"] = f"{best[2]}s"
     return out
 
 
@@ -201,40 +204,48 @@ def _lease_seconds():
 # --- Redis -------------------------------------------------------------------------------
 
 # KEYS: one prefix per party. ARGV: request id, tokens, lease ms, then rpm, tpm, concurrency
-# per party. Returns {ok, party index (1-based), kind, retry/reset s, window, used...}.
+# per party. A party's minute window starts with its first counted request (a hash with the
+# window's id and its request and token counts, expiring after 60 s).
+# Returns {0, party index (1-based), kind, retry s, used} or {1, then per party: requests,
+# tokens, in flight, window id, seconds to reset}.
 ADMIT = """
 local t = redis.call('TIME')
-local now_s = tonumber(t[1])
-local now_ms = now_s * 1000 + math.floor(tonumber(t[2]) / 1000)
-local window = math.floor(now_s / 60)
-local reset = 60 - (now_s % 60)
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local rid, tokens, lease = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-local used = {}
+local seen = {}
 for i = 1, #KEYS do
   local rpm, tpm, conc = tonumber(ARGV[1 + 3 * i]), tonumber(ARGV[2 + 3 * i]), tonumber(ARGV[3 + 3 * i])
-  local r = tonumber(redis.call('GET', KEYS[i] .. ':rpm:' .. window) or '0')
-  local k = tonumber(redis.call('GET', KEYS[i] .. ':tpm:' .. window) or '0')
+  local w = KEYS[i] .. ':win'
+  local v = redis.call('HMGET', w, 'r', 't', 'id')
+  local r, k, id = tonumber(v[1] or '0'), tonumber(v[2] or '0'), v[3]
+  local ttl = redis.call('PTTL', w)
+  local reset = 60
+  if ttl > 0 then reset = math.ceil(ttl / 1000) end
+  if ttl < 0 or not id then r, k, id = 0, 0, tostring(now_ms) end
   local c = 0
   if conc > 0 then
     redis.call('ZREMRANGEBYSCORE', KEYS[i] .. ':conc', '-inf', now_ms)
     c = redis.call('ZCARD', KEYS[i] .. ':conc')
   end
-  if rpm > 0 and r + 1 > rpm then return {0, i, 'rpm', reset, window, r} end
-  if tpm > 0 and k + tokens > tpm then return {0, i, 'tpm', reset, window, k} end
-  if conc > 0 and c + 1 > conc then return {0, i, 'conc', 1, window, c} end
-  used[i] = {r, k, c}
+  if rpm > 0 and r + 1 > rpm then return {0, i, 'rpm', reset, r} end
+  if tpm > 0 and k + tokens > tpm then return {0, i, 'tpm', reset, k} end
+  if conc > 0 and c + 1 > conc then return {0, i, 'conc', 1, c} end
+  seen[i] = {r, k, c, id, reset, ttl}
 end
-local out = {1, 0, '', reset, window}
+local out = {1}
 for i = 1, #KEYS do
   local rpm, tpm, conc = tonumber(ARGV[1 + 3 * i]), tonumber(ARGV[2 + 3 * i]), tonumber(ARGV[3 + 3 * i])
-  local r, k, c = used[i][1], used[i][2], used[i][3]
-  if rpm > 0 then
-    r = redis.call('INCR', KEYS[i] .. ':rpm:' .. window)
-    redis.call('EXPIRE', KEYS[i] .. ':rpm:' .. window, 120)
-  end
-  if tpm > 0 and tokens > 0 then
-    k = redis.call('INCRBY', KEYS[i] .. ':tpm:' .. window, tokens)
-    redis.call('EXPIRE', KEYS[i] .. ':tpm:' .. window, 120)
+  local s = seen[i]
+  local r, k, c, id, reset = s[1], s[2], s[3], s[4], s[5]
+  local w = KEYS[i] .. ':win'
+  if rpm > 0 or (tpm > 0 and tokens > 0) then
+    if s[6] < 0 then
+      redis.call('DEL', w)
+      redis.call('HSET', w, 'id', id)
+      redis.call('PEXPIRE', w, 60000)
+    end
+    if rpm > 0 then r = redis.call('HINCRBY', w, 'r', 1) end
+    if tpm > 0 and tokens > 0 then k = redis.call('HINCRBY', w, 't', tokens) end
   end
   if conc > 0 then
     redis.call('ZADD', KEYS[i] .. ':conc', now_ms + lease, rid)
@@ -244,6 +255,8 @@ for i = 1, #KEYS do
   table.insert(out, r)
   table.insert(out, k)
   table.insert(out, c)
+  table.insert(out, id)
+  table.insert(out, reset)
 end
 return out
 """
@@ -260,14 +273,15 @@ return 1
 """
 
 # KEYS: the concurrency prefixes (ARGV[2] of them), then the TPM prefixes.
-# ARGV: request id, number of concurrency prefixes, the admission's window, token correction.
+# ARGV: request id, number of concurrency prefixes, token correction, then the window id
+# each TPM prefix was admitted in (a window that has since ended is left alone).
 RELEASE = """
-local slots, window, delta = tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
+local slots, delta = tonumber(ARGV[2]), tonumber(ARGV[3])
 for i = 1, slots do redis.call('ZREM', KEYS[i] .. ':conc', ARGV[1]) end
 for i = slots + 1, #KEYS do
-  local key = KEYS[i] .. ':tpm:' .. window
-  if delta ~= 0 and redis.call('EXISTS', key) == 1 then
-    if tonumber(redis.call('INCRBY', key, delta)) < 0 then redis.call('SET', key, 0, 'KEEPTTL') end
+  local w = KEYS[i] .. ':win'
+  if delta ~= 0 and redis.call('HGET', w, 'id') == ARGV[3 + i - slots] then
+    if tonumber(redis.call('HINCRBY', w, 't', delta)) < 0 then redis.call('HSET', w, 't', 0) end
   end
 end
 return 1
@@ -291,14 +305,13 @@ def _admit_redis(conn, request_id, parties, tokens):
     for party in parties:
         args += [party.rpm or 0, party.tpm or 0, party.concurrency or 0]
     out = _scripts(conn)["admit"](keys=[p.prefix for p in parties], args=args)
-    ok, index, kind, retry, window = int(out[0]), int(out[1]), out[2], int(out[3]), int(out[4])
-    if isinstance(kind, bytes):
-        kind = kind.decode()
-    if not ok:
-        return False, index - 1, kind, retry, window, int(out[5])
-    flat = [int(v) for v in out[5:]]
-    used = tuple(tuple(flat[i:i + 3]) for i in range(0, len(flat), 3))
-    return True, 0, "", retry, window, used
+    if not int(out[0]):
+        kind = out[2].decode() if isinstance(out[2], bytes) else out[2]
+        return False, int(out[1]) - 1, kind, int(out[3]), int(out[4])
+    rows = [out[i:i + 5] for i in range(1, len(out), 5)]
+    return True, tuple((int(r), int(k), int(c)) for r, k, c, _, _ in rows), \
+        tuple(w.decode() if isinstance(w, bytes) else str(w) for _, _, _, w, _ in rows), \
+        tuple(int(reset) for *_, reset in rows)
 
 
 # --- memory (one process) ----------------------------------------------------------------
@@ -308,42 +321,45 @@ class MemoryCounters:
 
     def __init__(self):
         self._lock = threading.Lock()
-        self._minute = {}  # (prefix, kind, window) -> count
+        self._windows = {}  # prefix -> [window id, ends at (monotonic), requests, tokens]
         self._slots = {}  # prefix -> {request id: lease expiry (monotonic)}
-        self._window = None
 
     def admit(self, request_id, parties, tokens, lease):
-        now = time.time()
-        window, reset = int(now // 60), 60 - int(now % 60)
-        mono = time.monotonic()
+        now = time.monotonic()
         with self._lock:
-            self._forget_old_windows(window)
-            used = []
+            if len(self._windows) > 10_000:  # forget ended windows now and then
+                for prefix in [p for p, w in self._windows.items() if w[1] <= now]:
+                    del self._windows[prefix]
+            seen = []
             for index, party in enumerate(parties):
-                r = self._minute.get((party.prefix, "rpm", window), 0)
-                k = self._minute.get((party.prefix, "tpm", window), 0)
+                window = self._windows.get(party.prefix)
+                if window is None or window[1] <= now:
+                    window = [f"{time.time_ns()}-{index}", now + 60, 0, 0]
+                reset = max(1, int(window[1] - now + 0.999))
                 slots = self._slots.get(party.prefix, {})
-                for rid in [rid for rid, until in slots.items() if until <= mono]:
+                for rid in [rid for rid, until in slots.items() if until <= now]:
                     del slots[rid]
                 c = len(slots)
-                if party.rpm and r + 1 > party.rpm:
-                    return False, index, "rpm", reset, window, r
-                if party.tpm and k + tokens > party.tpm:
-                    return False, index, "tpm", reset, window, k
+                if party.rpm and window[2] + 1 > party.rpm:
+                    return False, index, "rpm", reset, window[2]
+                if party.tpm and window[3] + tokens > party.tpm:
+                    return False, index, "tpm", reset, window[3]
                 if party.concurrency and c + 1 > party.concurrency:
-                    return False, index, "conc", 1, window, c
-                used.append((r, k, c))
-            counted = []
-            for party, (r, k, c) in zip(parties, used):
-                if party.rpm:
-                    r = self._minute[(party.prefix, "rpm", window)] = r + 1
-                if party.tpm and tokens:
-                    k = self._minute[(party.prefix, "tpm", window)] = k + tokens
+                    return False, index, "conc", 1, c
+                seen.append((window, c, reset))
+            used, windows, resets = [], [], []
+            for party, (window, c, reset) in zip(parties, seen):
+                if party.rpm or (party.tpm and tokens):
+                    self._windows[party.prefix] = window
+                    window[2] += 1 if party.rpm else 0
+                    window[3] += tokens if party.tpm else 0
                 if party.concurrency:
-                    self._slots.setdefault(party.prefix, {})[request_id] = mono + lease
+                    self._slots.setdefault(party.prefix, {})[request_id] = now + lease
                     c += 1
-                counted.append((r, k, c))
-            return True, 0, "", reset, window, tuple(counted)
+                used.append((window[2], window[3], c))
+                windows.append(window[0])
+                resets.append(reset)
+            return True, tuple(used), tuple(windows), tuple(resets)
 
     def renew(self, request_id, prefixes, lease):
         with self._lock:
@@ -352,27 +368,21 @@ class MemoryCounters:
                 if request_id in slots:
                     slots[request_id] = time.monotonic() + lease
 
-    def release(self, request_id, slots, tpm, window, delta):
+    def release(self, request_id, slots, tpm, delta):
         with self._lock:
             for prefix in slots:
                 self._slots.get(prefix, {}).pop(request_id, None)
                 if not self._slots.get(prefix, True):
                     del self._slots[prefix]
-            for prefix in tpm:
-                key = (prefix, "tpm", window)
-                if key in self._minute:
-                    self._minute[key] = max(self._minute[key] + delta, 0)
+            for prefix, window_id in tpm:
+                window = self._windows.get(prefix)
+                if window is not None and window[0] == window_id:
+                    window[3] = max(window[3] + delta, 0)
 
     def reset(self):
         with self._lock:
-            self._minute.clear()
+            self._windows.clear()
             self._slots.clear()
-
-    def _forget_old_windows(self, window):
-        if window != self._window:  # a new minute: the old counts are history
-            self._window = window
-            for key in [k for k in self._minute if k[2] < window]:
-                del self._minute[key]
 
 
 _memory = MemoryCounters()
