@@ -153,8 +153,9 @@ def count_message_tokens():
     key = authenticate()
     call = parse_call("messages_count_tokens", g.request_id)
     authorize(key, call.model)
+    # Limited like every /v1 call (RPM, concurrency), but free: it leaves no tokens counted.
     admission = admit(Flight("messages_count_tokens", g.request_id, time.monotonic(), key, call))
-    rate_limits.release(admission)
+    rate_limits.release(admission, actual_tokens=0)
     return count_tokens(call.body)
 
 
