@@ -249,7 +249,20 @@ def settle_credits(hold, cost_micro, note=None):
     return cost
 
 
-def _move_money(user_id, key_id, request_id, released, cost, note):
+def settle_late(hold, cost_micro, note=None):
+    """Charge what a request cost beyond what the sweeper charged when it settled the hold
+    of this (still living, but late) request at its checkpoint; caller's transaction.
+    Returns (charged by the sweeper, charged now)."""
+    swept = db.session.scalar(select(LOGS.c.credits_micro)
+                              .where(LOGS.c.request_id == hold.request_id)) or 0
+    extra = max(int(cost_micro) - swept, 0)
+    # Up to the original hold it is an ordinary charge; past it, an overrun as usual.
+    _move_money(hold.user_id, hold.key_id, hold.request_id, 0, extra, note,
+                covered_limit=max(hold.amount_micro - swept, 0))
+    return swept, extra
+
+
+def _move_money(user_id, key_id, request_id, released, cost, note, covered_limit=None):
     """Give back `released`, charge `cost` (ledger: charge up to the hold, overrun past it)."""
     if not (released or cost):
         return
@@ -257,7 +270,7 @@ def _move_money(user_id, key_id, request_id, released, cost, note):
         "uid": user_id, "released": released, "charged": cost}).scalar()
     if balance is None:
         return  # the user is gone (their holds and ledger went with them)
-    covered = min(cost, released)
+    covered = min(cost, released if covered_limit is None else covered_limit)
     now = utcnow()
     if covered:
         db.session.execute(_INSERT_LEDGER, {

@@ -244,7 +244,9 @@ class Reservation(db.Model):
     id: Mapped[int] = mapped_column(primary_key=True)
     request_id: Mapped[str] = mapped_column(String(64), unique=True)
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
-    key_id: Mapped[int | None] = mapped_column(ForeignKey("api_keys.id", ondelete="SET NULL"))
+    # No foreign key: deleting a key must not lock hold rows (the relay locks hold -> user ->
+    # key; a cascade would lock key -> hold and deadlock), and a hold outlives its key.
+    key_id: Mapped[int | None]
     amount_micro: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     lease_until: Mapped[datetime] = mapped_column(default=utcnow, index=True)

@@ -55,3 +55,27 @@ def _bump_rollup(row):
                   completion_tokens=row["completion_tokens"],
                   credits_micro=row["credits_micro"])
     db.session.execute(_rollup_upsert(db.session.get_bind().dialect.name), values)
+
+
+_DELTA_FIELDS = ("prompt_tokens", "completion_tokens", "credits_micro")
+
+
+def replace_request_log(request_id, **fields):
+    """Overwrite an existing log row with the request's real outcome (a late worker's settle
+    after the sweeper logged it), moving its rollup by the difference."""
+    table = RequestLog.__table__
+    old = db.session.execute(db.select(table).where(table.c.request_id == request_id)).first()
+    if old is None:
+        add_request_log(request_id=request_id, **fields)
+        return
+    changes = {k: v for k, v in fields.items() if k in LOG_COLUMNS and k != "created_at"}
+    db.session.execute(db.update(table).where(table.c.request_id == request_id).values(changes))
+    if old.user_id is None:
+        return
+    values = dict(day=old.created_at.strftime("%Y-%m-%d"), user_id=old.user_id,
+                  key_id=old.key_id or 0, key_name=old.key_name or "", model=old.model or "",
+                  requests=0, failed=(0 if fields.get("status", old.status) == "Success" else 1)
+                  - (0 if old.status == "Success" else 1),
+                  **{name: int(fields.get(name, getattr(old, name)) or 0)
+                     - int(getattr(old, name) or 0) for name in _DELTA_FIELDS})
+    db.session.execute(_rollup_upsert(db.session.get_bind().dialect.name), values)

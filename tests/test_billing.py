@@ -84,6 +84,32 @@ def test_cost_edges():
     assert huge == 3 * (10**9 * 3 + 10**9 * 15) and isinstance(huge, int)
 
 
+def test_cache_writes_images_and_audio_seconds_are_priced():
+    """Finding 8: cache writes were billed as plain input; images and seconds not at all."""
+    price = Price("m", input_micro=3_000_000, output_micro=15_000_000,
+                  cached_input_micro=300_000, per_request_micro=1_000,
+                  cache_write_micro=3_750_000, per_image_micro=40_000, per_second_micro=100)
+    # 1000 prompt tokens: 200 read from cache, 500 written to it, 300 plain; 100 output.
+    cost = billing.cost_micro(price, 1000, 100, 200, MICRO, cache_write_tokens=500)
+    assert cost == (300 * 3 + 200 * 0.3 + 500 * 3.75 + 100 * 15) + 1_000
+    assert billing.cost_micro(price, 0, 0, 0, MICRO, images=3) == 1_000 + 3 * 40_000
+    assert billing.cost_micro(price, 0, 0, 0, 2 * MICRO, seconds=61) == 2 * (1_000 + 6_100)
+    # writes can never exceed the prompt that is left after cache reads
+    assert billing.cost_micro(price, 10, 0, 8, MICRO, cache_write_tokens=50) == \
+        billing.cost_micro(price, 10, 0, 8, MICRO, cache_write_tokens=2)
+    # garbage counts cost nothing rather than crashing
+    assert billing.cost_micro(price, "12", -5, None, MICRO, images=-1, seconds=1.5) == 1_000
+
+
+def test_a_hold_covers_any_mix_of_cache_reads_and_writes():
+    price = Price("m", 1_000_000, 2_000_000, 3_000_000, 0, cache_write_micro=2_500_000,
+                  per_image_micro=10, per_second_micro=7)
+    hold = billing.hold_micro(price, 1000, 50, MICRO, images=2, seconds=9)
+    for cached in (0, 400, 1000):
+        for written in (0, 300, 1000 - cached):
+            assert billing.cost_micro(price, 1000, 50, cached, MICRO, written, 2, 9) <= hold
+
+
 def test_hold_estimate_is_an_upper_bound_of_any_final_cost():
     price = Price("m", 2_000_000, 8_000_000, 500_000, 2_000)
     hold = billing.hold_micro(price, 1200, 4096, 1_250_000)

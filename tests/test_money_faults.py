@@ -19,7 +19,7 @@ import requests
 import billing
 import holds
 from extensions import db
-from models import MICRO, ApiKey, Channel, LedgerEntry, Reservation, User
+from models import MICRO, ApiKey, Channel, LedgerEntry, Reservation, UsageDaily, User
 from tests.conftest import _worker_id
 from tests.support import LiveGateway, drop_postgres_database, postgres_database_url, wait_http
 from tests.tcp_proxy import TcpProxy
@@ -205,6 +205,37 @@ def test_a_sweep_with_max_age_zero_spares_a_live_stream(gw):
     assert row["status"] == "Success" and row["completion_tokens"] == 40
     charges = [amount for kind, amount, rid in ledger_rows(gw) if rid == row["request_id"]]
     assert charges == [-row["credits_micro"]]  # charged once, in full
+
+
+def test_a_live_stream_whose_lease_lapsed_still_pays_its_full_cost(gw):
+    """A worker too slow to renew its lease (a long stall, a database outage past the lease):
+    the sweeper settles at the checkpoint, then the live worker charges the rest and corrects
+    the log row. Nothing is released free, nothing charged twice."""
+    key = gw.member(credits=10, models="gpt-4o-mini=fault-long")
+    stream = openai_client(gw, key).chat.completions.create(
+        model="gpt-4o-mini", stream=True, messages=[{"role": "user", "content": "hi"}])
+    chunks = iter(stream)
+    for _ in range(10):
+        next(chunks)
+    time.sleep(0.6)  # a checkpoint was written
+
+    def lapse():
+        db.session.execute(db.update(Reservation).values(lease_until=Reservation.created_at))
+        db.session.commit()
+        return holds.sweep_lapsed()
+    assert gw.run(lapse) == 1
+    early = gw.logs()[0]
+    assert "worker lost" in early["error"] and 0 < early["credits_micro"]
+    assert sum(1 for _ in chunks) > 20
+    row = wait_until(lambda: [r for r in gw.logs() if r["status"] == "Success"])[0]
+    assert row["request_id"] == early["request_id"] and len(gw.logs()) == 1
+    assert row["completion_tokens"] == 40 and row["error"] is None
+    entries = [(k, a) for k, a, rid in ledger_rows(gw) if rid == row["request_id"]]
+    assert [k for k, _ in entries] == ["charge", "charge"]
+    assert -sum(a for _, a in entries) == row["credits_micro"] > early["credits_micro"]
+    daily = gw.run(lambda: db.session.execute(db.select(
+        UsageDaily.requests, UsageDaily.credits_micro, UsageDaily.completion_tokens)).one())
+    assert tuple(daily) == (1, row["credits_micro"], 40)
 
 
 # --- finding 6: kill -9, SIGTERM, a database blip ----------------------------------------------

@@ -30,7 +30,7 @@ from blueprints.api.routing import choose_channels, model_exists, note_failure, 
 from blueprints.api.tokens import count_text, estimate_prompt_tokens
 from extensions import db
 from models import ApiKey, Group, Setting, User, split_list, utcnow
-from request_log import add_request_log
+from request_log import add_request_log, replace_request_log
 
 # Fields each JSON endpoint cannot do without (besides `model`).
 REQUIRED_FIELDS = {
@@ -111,6 +111,8 @@ class Flight:
     interrupted: str | None = None
     checkpointed: tuple = (0, 0, 0)
     counted: tuple = (0, 0)  # (output pieces counted, their tokens), counted incrementally
+    finished: bool = False  # settled and logged (finish runs once)
+    late: bool = False  # the sweeper settled this hold first (this worker missed its lease)
 
     @property
     def output_tokens_cap(self):
@@ -464,6 +466,8 @@ def deliver_stream(flight, reply, first_chunk):
             if first_chunk:
                 yield first_chunk
             for chunk in reply.chunks():
+                if ends_stream(chunk):  # bill before the client sees the stream complete
+                    finish(flight, reply, **outcome)
                 yield chunk
                 rate_limits.renew(flight.admission)  # at most every few seconds
         except (StreamBroken, inflight.StreamInterrupted) as err:
@@ -494,12 +498,27 @@ def deliver_stream(flight, reply, first_chunk):
     return response
 
 
+# The events that tell a client a stream is complete, in each wire format we answer in.
+TERMINAL_EVENTS = (b"event: message_stop", b"event:message_stop",
+                   b"event: response.completed", b"event:response.completed")
+
+
+def ends_stream(chunk):
+    """True for the event that completes a stream (the relay settles before sending it)."""
+    if chunk[:5] == b"data:":
+        return chunk[5:].lstrip().startswith(b"[DONE]")
+    return chunk.startswith(TERMINAL_EVENTS)
+
+
 def finish(flight, reply, status, http_status, error=None):
     """Settle the credits and write the log row in one transaction. Never raises and never
     loses a charge: on a database error the settlement is retried by the hold keeper (which
     keeps the lease alive meanwhile); on any other failure the hold is left to its lease,
     and the sweeper settles it at its last checkpoint."""
-    usage, outcome = Usage(), {"charged": 0}
+    if flight.finished:
+        return
+    flight.finished = True
+    usage, tally = Usage(), {"charged": 0}
     try:
         usage, estimated = metered_usage(flight, reply)
         cost = _cost(flight, usage) if reply is not None else 0
@@ -512,9 +531,8 @@ def finish(flight, reply, status, http_status, error=None):
 
     def settle_and_log():
         charged, state = settle(flight, reply, cost, estimated)
-        if charged is not None:  # None: the sweeper settled and logged it already
-            outcome["charged"] = charged
-            write_log(flight, usage, charged, state, estimated, status, http_status, error)
+        tally["charged"] = charged
+        write_log(flight, usage, charged, state, estimated, status, http_status, error)
         db.session.commit()
 
     try:
@@ -530,7 +548,7 @@ def finish(flight, reply, status, http_status, error=None):
     finally:
         inflight.forget(flight)
         release_limits(flight, usage)
-        metrics.observe_request(flight, usage, outcome["charged"], http_status)
+        metrics.observe_request(flight, usage, tally["charged"], http_status)
 
 
 def release_limits(flight, usage):
@@ -542,13 +560,21 @@ def release_limits(flight, usage):
 
 
 def settle(flight, reply, cost, estimated):
-    """(charged micro-credits or None if swept already, billing state), in the caller's
-    transaction. Void (the hold goes back whole) only when nothing came back upstream."""
+    """(charged micro-credits, billing state), in the caller's transaction. Void (the hold
+    goes back whole) only when nothing came back upstream. When this worker was too slow
+    to renew its lease and the sweeper settled the hold at its checkpoint meanwhile, the
+    rest of the real cost is charged now and the sweeper's log row is corrected."""
     if flight.hold is None:
         return 0, "void"
+    charged = holds.settle_credits(flight.hold, cost if reply is not None else 0,
+                                   note=flight.call.model if flight.call else None)
+    if charged is None:
+        flight.late = True
+        swept, extra = holds.settle_late(flight.hold, cost if reply is not None else 0,
+                                         note=flight.call.model)
+        charged = swept + extra
     if reply is None:
-        return (0 if holds.settle_credits(flight.hold, 0) is not None else None), "void"
-    charged = holds.settle_credits(flight.hold, cost, note=flight.call.model)
+        return charged, "void" if not charged else "estimated"
     return charged, "estimated" if estimated else "billed"
 
 
@@ -577,7 +603,8 @@ def write_log(flight, usage, charged, state, estimated, status, http_status, err
         # Lock order on every path: users -> api_keys -> usage_daily (no deadlocks on PG).
         db.session.execute(update(ApiKey).where(ApiKey.id == key.id)
                            .values(last_used_at=utcnow()))
-    add_request_log(
+    record = replace_request_log if flight.late else add_request_log
+    record(
         request_id=flight.request_id, user_id=key.user_id if key else None,
         key_id=key.id if key else None, key_name=key.name if key else None,
         model=call.model if call else None,

@@ -21,9 +21,9 @@ SQLITE_FK_NAMES = {"fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_n
 HOLD_COUNTERS = ("prompt_tokens", "completion_tokens", "cached_tokens", "checkpoint_micro")
 
 
-def _log_foreign_keys(bind):
-    """Names of request_logs' foreign keys on key_id / channel_id (named differently per database)."""
-    return [fk["name"] for fk in sa.inspect(bind).get_foreign_keys("request_logs")
+def _foreign_keys(bind, table):
+    """Names of `table`'s foreign keys on key_id / channel_id (named differently per database)."""
+    return [fk["name"] for fk in sa.inspect(bind).get_foreign_keys(table)
             if fk["constrained_columns"] in (["key_id"], ["channel_id"])]
 
 
@@ -54,6 +54,8 @@ def upgrade():
         for name in ("per_image_micro", "per_second_micro"):
             batch_op.alter_column(name, server_default=None)
 
+    # Log rows and holds outlive the key and channel they name (and deleting a key must not
+    # lock hold rows): drop those foreign keys.
     bind = op.get_bind()
     if bind.dialect.name == "sqlite":
         # SQLite's foreign keys are unnamed: name them by convention, then rebuild without them.
@@ -61,9 +63,13 @@ def upgrade():
                                   naming_convention=SQLITE_FK_NAMES) as batch_op:
             batch_op.drop_constraint("fk_request_logs_key_id_api_keys", type_="foreignkey")
             batch_op.drop_constraint("fk_request_logs_channel_id_channels", type_="foreignkey")
+        with op.batch_alter_table("reservations", recreate="always",
+                                  naming_convention=SQLITE_FK_NAMES) as batch_op:
+            batch_op.drop_constraint("fk_reservations_key_id_api_keys", type_="foreignkey")
     else:
-        for name in _log_foreign_keys(bind):
-            op.drop_constraint(name, "request_logs", type_="foreignkey")
+        for table in ("request_logs", "reservations"):
+            for name in _foreign_keys(bind, table):
+                op.drop_constraint(name, table, type_="foreignkey")
 
 
 def downgrade():
