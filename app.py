@@ -3,13 +3,14 @@ import os
 
 from flask import Flask, jsonify, request
 from flask.sessions import SecureCookieSessionInterface
-from sqlalchemy import event, text
+from sqlalchemy import event, make_url, text
 from sqlalchemy.engine import Engine
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 import metrics
 import redis_store
 from config import load_config
+from encryption import secret_box
 from extensions import csrf, db, limiter, login_manager, migrate
 from money import format_credits
 
@@ -20,9 +21,8 @@ def create_app(test_config=None):
     app.config.from_mapping(load_config(app.instance_path))
     if test_config:
         app.config.update(test_config)
-    public_url = app.config["PUBLIC_URL"] or ""
-    app.config.setdefault("SESSION_COOKIE_SECURE", public_url.startswith("https://"))
-    app.config.setdefault("REMEMBER_COOKIE_SECURE", public_url.startswith("https://"))
+    secret_box(app)  # a malformed TOKENOPEN_ENCRYPTION_KEY fails here, not on first use
+    private_sqlite_file(app.config["SQLALCHEMY_DATABASE_URI"])
     proxies = int(os.environ.get("TOKENOPEN_TRUSTED_PROXIES", "0") or 0)
     if proxies:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=proxies, x_proto=proxies, x_host=proxies)
@@ -89,11 +89,33 @@ def create_app(test_config=None):
 class SessionCookies(SecureCookieSessionInterface):
     """Session cookies are Secure when the public URL is https or the request came over https,
     directly or through a proxy's X-Forwarded-Proto, so plain-http localhost logins still work.
-    (Believing the header is safe here: a client that lies only hardens its own cookie.)"""
+    (Believing the header is safe here: a client that lies only hardens its own cookie.)
+    The remember-me cookie asks the same questions (extensions.LoginManager)."""
 
     def get_cookie_secure(self, app):
-        return bool(app.config["SESSION_COOKIE_SECURE"]) or request.is_secure or \
+        return bool(app.config["SESSION_COOKIE_SECURE"]) or \
+            (app.config.get("PUBLIC_URL") or "").startswith("https://") or request.is_secure or \
             request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip() == "https"
+
+
+def private_sqlite_file(uri):
+    """Create a SQLite database file owner-only (0600) before SQLite does it with the umask's
+    0644, and tighten one an older version created. SQLite gives its -wal and -shm files the
+    database file's mode."""
+    url = make_url(uri)
+    if not url.drivername.startswith("sqlite") or url.database in (None, "", ":memory:") \
+            or url.database.startswith("file:") or url.query.get("mode") == "memory":
+        return
+    path = os.path.abspath(url.database)
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        try:
+            if os.stat(path).st_mode & 0o077:
+                os.chmod(path, 0o600)
+        except OSError:  # not ours (a shared file set up on purpose): leave it as it is
+            pass
 
 
 @event.listens_for(Engine, "connect")

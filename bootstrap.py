@@ -1,6 +1,7 @@
-"""First-start setup: the default group, default settings and the first admin."""
+"""First-start setup and upgrades: the default group, the first admin, encrypted channel keys."""
 import secrets
 
+from encryption import SecretUnreadable
 from extensions import db
 from models import ApiKey, Channel, Group, ModelPrice, User
 
@@ -72,3 +73,17 @@ def bootstrap_admin(app):
     starter_key = ensure_starter_channel(admin)
     db.session.commit()
     return email, (None if app.config["ADMIN_PASSWORD"] else password), starter_key
+
+
+def reencrypt_channel_keys():
+    """Store every channel's upstream key under the first encryption key (plain-text keys of
+    older versions included) and commit. Returns (re-encrypted count, unreadable channel names).
+    """
+    changed, unreadable = 0, []
+    for channel in db.session.scalars(db.select(Channel).order_by(Channel.id)):
+        try:
+            changed += channel.reencrypt_key()
+        except SecretUnreadable:
+            unreadable.append(channel.name)
+    db.session.commit()
+    return changed, unreadable

@@ -1,6 +1,7 @@
 """Settings from TOKENOPEN_* environment variables, read when the app is built."""
 import os
 import secrets
+from datetime import timedelta
 
 
 def _int(env, name, default):
@@ -33,13 +34,17 @@ def _engine_options(database_url):
 def load_config(instance_path, env=None):
     """Return the app settings: defaults, overridden by TOKENOPEN_* variables."""
     env = os.environ if env is None else env
-    os.makedirs(instance_path, exist_ok=True)
+    # Owner-only: the instance folder holds the secret key and, by default, the database.
+    os.makedirs(instance_path, mode=0o700, exist_ok=True)
     redis_url = env.get("TOKENOPEN_REDIS_URL") or None
     database_url = env.get("TOKENOPEN_DATABASE_URL") or (
         "sqlite:///" + os.path.join(instance_path, "tokenopen.db"))
     return {
         "SQLALCHEMY_DATABASE_URI": database_url,
         "SECRET_KEY": env.get("TOKENOPEN_SECRET_KEY") or _secret_key(instance_path),
+        # Fernet key(s) for upstream keys at rest, comma-separated, the first encrypts;
+        # unset: derived from SECRET_KEY (encryption.py).
+        "ENCRYPTION_KEY": env.get("TOKENOPEN_ENCRYPTION_KEY") or None,
         "REDIS_URL": redis_url,
         # Flask-Limiter storage: exact in memory with one worker, shared in Redis.
         "RATELIMIT_STORAGE_URI": redis_url or "memory://",
@@ -52,6 +57,10 @@ def load_config(instance_path, env=None):
         "REGISTRATION": env.get("TOKENOPEN_REGISTRATION", "open"),
         "UPSTREAM_TIMEOUT": _int(env, "TOKENOPEN_UPSTREAM_TIMEOUT", 600),
         "UPSTREAM_CONNECT_TIMEOUT": _int(env, "TOKENOPEN_UPSTREAM_CONNECT_TIMEOUT", 5),
+        # Overall deadline of one upstream stream, besides the per-read timeout (SPEC §10).
+        "STREAM_MAX_SECONDS": _int(env, "TOKENOPEN_STREAM_MAX_SECONDS", 3600),
+        # Upstream answers larger than this are refused (502), never buffered whole.
+        "MAX_RESPONSE_BYTES": _int(env, "TOKENOPEN_MAX_RESPONSE_BYTES", 64 * 1024 * 1024),
         "MAX_BODY_BYTES": _int(env, "TOKENOPEN_MAX_BODY_BYTES", 32 * 1024 * 1024),
         # Werkzeug stops reading past this too, even for bodies sent without Content-Length.
         "MAX_CONTENT_LENGTH": _int(env, "TOKENOPEN_MAX_BODY_BYTES", 32 * 1024 * 1024),
@@ -77,9 +86,12 @@ def load_config(instance_path, env=None):
         "RATELIMIT_IN_MEMORY_FALLBACK_ENABLED": True,
         "RATELIMIT_STORAGE_OPTIONS": {"socket_timeout": 0.5, "socket_connect_timeout": 0.5},
         "LOGIN_LIMIT": env.get("TOKENOPEN_LOGIN_LIMIT", "10 per minute"),
+        # Every POST /register counts, per client IP: account floods and e-mail probing.
+        "REGISTER_LIMIT": env.get("TOKENOPEN_REGISTER_LIMIT", "10 per hour"),
         "WTF_CSRF_TIME_LIMIT": None,
         "SESSION_COOKIE_HTTPONLY": True,
         "SESSION_COOKIE_SAMESITE": "Lax",
-        "REMEMBER_COOKIE_HTTPONLY": True,
+        # The remember cookie takes the session cookie's flags (extensions.LoginManager).
+        "REMEMBER_COOKIE_DURATION": timedelta(days=30),
         "SQLALCHEMY_ENGINE_OPTIONS": _engine_options(database_url),
     }

@@ -21,12 +21,13 @@ errorlog = "-"
 
 
 def post_worker_init(worker):
-    """Each worker runs a hold keeper: checkpoints its streams, renews its leases, retries
-    settlements a database error held back, settles holds of dead workers, drains on SIGTERM."""
+    """Each worker loads its tokenizer, then runs a hold keeper: checkpoints its streams, renews
+    its leases, retries settlements a database error held back, settles holds of dead workers,
+    drains on SIGTERM."""
     from blueprints.api.inflight import start_keeper
     from blueprints.api.relay import delivered_so_far
-    from blueprints.api.tokens import count_text
-    count_text("warm")  # load the tokenizer now: loading it mid-request stalls every stream
+    from blueprints.api.tokens import warm
+    warm()  # load the tokenizer now: loading it mid-request stalls every stream
     start_keeper(worker.wsgi, delivered_so_far, worker)
     from retention import start_pruner
     start_pruner(worker.wsgi)

@@ -1,17 +1,28 @@
 """All SQLAlchemy models. Money is always an integer of micro-credits (1 credit = 1,000,000)."""
+import functools
 import hashlib
 import secrets
 from datetime import datetime, timezone
 
 from flask_login import UserMixin
-from sqlalchemy import BigInteger, ForeignKey, Index, String, Text, UniqueConstraint
+from sqlalchemy import BigInteger, ForeignKey, Index, String, Text, UniqueConstraint, event
 from sqlalchemy.orm import Mapped, mapped_column, object_session, relationship
 from werkzeug.security import check_password_hash, generate_password_hash
 
+from encryption import SecretUnreadable, secret_box
 from extensions import db
 
 MICRO = 1_000_000  # micro-credits per credit
 ALL_MODELS = "*"
+
+# The largest numbers people may type (console forms and CLI): far above any real need and
+# inside what the columns hold (INTEGER is 32-bit on PostgreSQL), so input is never a 500.
+MAX_PRIORITY = 1_000_000  # channels.priority, either sign
+MAX_WEIGHT = 10_000
+MAX_RPM = 1_000_000
+MAX_TPM = 1_000_000_000
+MAX_EXPIRY_DAYS = 3650  # keys and redemption codes
+MAX_OUTPUT_CAP = 10_000_000  # tokens
 
 
 def utcnow():
@@ -75,10 +86,30 @@ class User(UserMixin, db.Model):
     def set_password(self, password):
         """Hash with scrypt and sign out the user's other sessions."""
         self.password_hash = generate_password_hash(password)
+        self.rotate_session_token()
+
+    def rotate_session_token(self):
+        """Invalidate every session and "remember me" cookie issued to this user so far."""
         self.session_token = secrets.token_hex(16)
 
     def check_password(self, password):
         return check_password_hash(self.password_hash, password)
+
+    @classmethod
+    def authenticate(cls, email, password):
+        """The user with this email and password, else None. An unknown email costs one
+        password hash too, so the answer's timing does not tell which accounts exist."""
+        user = db.session.scalar(db.select(cls).filter_by(email=email))
+        if user is None:
+            check_password_hash(_dummy_password_hash(), password)
+            return None
+        return user if user.check_password(password) else None
+
+
+@functools.cache
+def _dummy_password_hash():
+    """A hash made like real ones (same scrypt cost) that no password matches in practice."""
+    return generate_password_hash(secrets.token_hex(32))
 
 
 class ApiKey(db.Model):
@@ -140,7 +171,9 @@ class Channel(db.Model):
     name: Mapped[str] = mapped_column(String(100), unique=True)
     type: Mapped[str] = mapped_column(String(32))  # openai | anthropic | gemini | mock
     base_url: Mapped[str] = mapped_column(String(500), default="")
-    api_key: Mapped[str] = mapped_column(Text, default="")
+    # The upstream key as stored: a Fernet token (encryption.py), or plain text written
+    # before encryption existed. Read and write it through `api_key`.
+    api_key_stored: Mapped[str] = mapped_column("api_key", Text, default="")
     priority: Mapped[int] = mapped_column(default=0)  # higher is tried first
     weight: Mapped[int] = mapped_column(default=1)
     enabled: Mapped[bool] = mapped_column(default=True)
@@ -176,8 +209,37 @@ class Channel(db.Model):
         self.model_rows = rows
 
     @property
+    def api_key(self):
+        """The upstream key in plain text; SecretUnreadable when no configured key decrypts it.
+        Decrypted once per loaded row (see _decrypt_key_on_load), not on every read."""
+        stored = self.api_key_stored
+        cached = self.__dict__.get("_api_key_plain")
+        if cached is None or cached[0] != stored:
+            cached = (stored, secret_box().decrypt(stored))
+            self.__dict__["_api_key_plain"] = cached
+        return cached[1]
+
+    @api_key.setter
+    def api_key(self, text):
+        text = text or ""
+        self.api_key_stored = secret_box().encrypt(text)
+        self.__dict__["_api_key_plain"] = (self.api_key_stored, text)
+
+    def reencrypt_key(self):
+        """Store the key under the first encryption key; True when the row changed."""
+        box = secret_box()
+        if box.is_current(self.api_key_stored):
+            return False
+        self.api_key_stored = box.encrypt(box.decrypt(self.api_key_stored))
+        return True
+
+    @property
     def masked_key(self):
-        key = self.api_key or ""
+        """Enough of the key to recognise it ('sk-…abcd'), never the key itself."""
+        try:
+            key = self.api_key
+        except SecretUnreadable:
+            return "(unreadable: wrong encryption key)"
         return (key[:3] + "…" + key[-4:]) if len(key) > 10 else ("…" if key else "")
 
     def health(self, now=None):
@@ -187,6 +249,19 @@ class Channel(db.Model):
         if self.cooldown_until and self.cooldown_until > (now or utcnow()):
             return "cooldown"
         return "degraded" if self.fail_count else "healthy"
+
+
+@event.listens_for(Channel, "load")
+@event.listens_for(Channel, "refresh")
+def _decrypt_key_on_load(channel, *_):
+    """Decrypt while the app context that loaded the row is there: the plain key is then
+    at hand wherever the row goes (the routing cache, a detached object)."""
+    if "api_key_stored" not in channel.__dict__:
+        return  # not loaded by this refresh: reading it here would issue SQL inside a load
+    try:
+        channel.api_key
+    except SecretUnreadable:
+        pass  # reported where the key is needed (routing skips the channel, masked_key says so)
 
 
 class ChannelModel(db.Model):

@@ -3,15 +3,23 @@ from decimal import Decimal, InvalidOperation
 
 from models import MICRO
 
+# One typed amount (a price, grant, limit, code): a billion credits is beyond any real use,
+# and sums of such amounts stay far inside the 64-bit columns money is stored in.
+MAX_CREDITS = 1_000_000_000
+MAX_MULTIPLIER = 1000
 
-def parse_credits(text, allow_negative=False):
-    """'1.5' -> 1_500_000. Raises ValueError for junk, >6 decimals or (by default) negatives."""
+
+def parse_credits(text, allow_negative=False, maximum=MAX_CREDITS):
+    """'1.5' -> 1_500_000. Raises ValueError for junk, >6 decimals, more than `maximum`
+    credits either way, or (by default) negatives."""
     try:
         value = Decimal(str(text).strip())
     except InvalidOperation:
         raise ValueError(f"not a number of credits: {text!r}") from None
     if not value.is_finite():
         raise ValueError(f"not a number of credits: {text!r}")
+    if abs(value) > maximum:
+        raise ValueError(f"at most {maximum:,} credits: {text!r}")
     micro = value * MICRO
     if micro != micro.to_integral_value():
         raise ValueError(f"at most 6 decimal places: {text!r}")
@@ -31,4 +39,4 @@ def format_credits(micro, places=6):
 
 def parse_ratio_ppm(text):
     """A multiplier like '1.25' -> parts per million (1_250_000)."""
-    return parse_credits(text)  # same fixed-point scale, same rules
+    return parse_credits(text, maximum=MAX_MULTIPLIER)  # same fixed-point scale, same rules

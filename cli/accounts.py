@@ -10,12 +10,12 @@ from cli.common import (
     credits_or_fail, echo_json, fail, group_or_fail, iso, password_or_fail, user_or_fail,
 )
 from extensions import db
-from models import ALL_MODELS, ApiKey, Group, User, split_list, utcnow
+from models import (ALL_MODELS, MAX_EXPIRY_DAYS, MAX_RPM, MAX_TPM, ApiKey, Group, User, split_list,
+                    utcnow)
 from money import format_credits, parse_ratio_ppm
 
 KEY_NAME_MAX = 100  # ApiKey.name column size
 GROUP_NAME_MAX = 64  # Group.name column size
-MAX_EXPIRY_DAYS = 3650  # as the console allows
 
 
 def user_summary(user):
@@ -213,7 +213,7 @@ def register(app):
     @click.option("--expires-days", type=click.IntRange(1, MAX_EXPIRY_DAYS),
                   help="Expire after N days.")
     @click.option("--ips", help="Comma-separated IPs or CIDR ranges allowed to use the key.")
-    @click.option("--rpm", type=click.IntRange(min=0), default=0, show_default=True,
+    @click.option("--rpm", type=click.IntRange(0, MAX_RPM), default=0, show_default=True,
                   help="Requests per minute for this key (0 = only the group limit).")
     @click.option("--tpm", type=click.IntRange(min=0), default=0, show_default=True,
                   help="Tokens per minute for this key (0 = only the group limit).")
@@ -320,9 +320,9 @@ def register(app):
     @groups.command("set")
     @click.argument("name")
     @click.option("--models", help="Comma-separated models, or '*' for all.")
-    @click.option("--rpm", type=click.IntRange(min=0),
+    @click.option("--rpm", type=click.IntRange(0, MAX_RPM),
                   help="Requests per minute per user (0 = unlimited).")
-    @click.option("--tpm", type=click.IntRange(min=0),
+    @click.option("--tpm", type=click.IntRange(0, MAX_TPM),
                   help="Tokens per minute per user (0 = unlimited).")
     @click.option("--concurrency", type=click.IntRange(min=0),
                   help="Requests in flight at once per user (0 = unlimited).")
@@ -345,7 +345,7 @@ def register(app):
             try:
                 changes["multiplier_ppm"] = parse_ratio_ppm(multiplier)
             except ValueError as err:
-                fail(f"bad --multiplier: {err}")
+                raise click.BadParameter(f"bad --multiplier: {err}") from None
         group = db.session.scalar(db.select(Group).filter_by(name=name))
         created = group is None
         if created:

@@ -10,7 +10,7 @@ from billing import (
 from holds import sweep_lapsed
 from cli.common import credits_or_fail, echo_json, fail, iso, user_or_fail
 from extensions import db
-from models import ModelPrice, utcnow
+from models import MAX_EXPIRY_DAYS, ModelPrice, utcnow
 from money import format_credits
 
 # Arguments like "-5" are amounts, not options.
@@ -128,13 +128,13 @@ def register(app):
 
     @codes.command("create")
     @click.option("--amount", required=True, help="Credits each code is worth.")
-    @click.option("--count", default=1, show_default=True, type=int, help="How many codes.")
-    @click.option("--expires-days", type=int, help="Codes expire after this many days.")
+    @click.option("--count", default=1, show_default=True, type=click.IntRange(1, 10_000),
+                  help="How many codes.")
+    @click.option("--expires-days", type=click.IntRange(1, MAX_EXPIRY_DAYS),
+                  help="Codes expire after this many days.")
     def codes_create(amount, count, expires_days):
         """Create a batch of single-use codes; prints one code per line."""
         micro = credits_or_fail(amount)
-        if expires_days is not None and expires_days <= 0:
-            fail("--expires-days must be a positive number of days")
         expires_at = utcnow() + timedelta(days=expires_days) if expires_days else None
         try:
             created = create_codes(micro, count, expires_at=expires_at)

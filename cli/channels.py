@@ -3,11 +3,14 @@ from urllib.parse import urlsplit
 
 import click
 
+from bootstrap import reencrypt_channel_keys
 from cli.common import channel_or_fail, echo_json, fail, iso
 from extensions import db
-from models import Channel, split_list
+from models import MAX_PRIORITY, MAX_WEIGHT, Channel, split_list
 
 TYPES = ("openai", "anthropic", "gemini", "mock")
+PRIORITY = click.IntRange(-MAX_PRIORITY, MAX_PRIORITY)
+WEIGHT = click.IntRange(1, MAX_WEIGHT)
 NAME_MAX = 100  # Channel.name column size
 
 
@@ -66,9 +69,9 @@ def register(app):
                   help="Provider root, e.g. https://api.openai.com (not needed for mock).")
     @click.option("--api-key", default="", help="The upstream provider's API key.")
     @click.option("--models", required=True, help="m1,m2 or public=upstream entries.")
-    @click.option("--priority", type=int, default=0, show_default=True,
+    @click.option("--priority", type=PRIORITY, default=0, show_default=True,
                   help="Higher is tried first.")
-    @click.option("--weight", type=click.IntRange(min=1), default=1, show_default=True,
+    @click.option("--weight", type=WEIGHT, default=1, show_default=True,
                   help="Share among channels of equal priority.")
     def channels_add(name, kind, base_url, api_key, models, priority, weight):
         """Add a channel serving the given models."""
@@ -109,8 +112,8 @@ def register(app):
     @click.option("--base-url")
     @click.option("--api-key")
     @click.option("--models", help="Replaces the whole model list.")
-    @click.option("--priority", type=int)
-    @click.option("--weight", type=click.IntRange(min=1))
+    @click.option("--priority", type=PRIORITY)
+    @click.option("--weight", type=WEIGHT)
     def channels_edit(name, base_url, api_key, models, priority, weight):
         """Change the given settings of a channel."""
         channel = channel_or_fail(name)
@@ -129,6 +132,16 @@ def register(app):
             channel.weight = weight
         db.session.commit()
         click.echo(f"updated channel {channel.name}")
+
+    @channels.command("reencrypt")
+    def channels_reencrypt():
+        """Re-encrypt every upstream key under the first TOKENOPEN_ENCRYPTION_KEY (rotation)."""
+        changed, unreadable = reencrypt_channel_keys()
+        click.echo(f"re-encrypted {changed} channel key(s) under the current encryption key")
+        if unreadable:
+            fail("cannot decrypt the key of channel(s) " + ", ".join(unreadable) +
+                 ": add the encryption key they were written with to TOKENOPEN_ENCRYPTION_KEY "
+                 "(after the new one) and run this again, or set their keys anew")
 
     @channels.command("enable")
     @click.argument("name")

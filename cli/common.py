@@ -41,11 +41,11 @@ def channel_or_fail(name):
 
 
 def credits_or_fail(text, allow_negative=False):
-    """Credits as typed ('1.5') -> micro-credits, or a clean failure."""
+    """Credits as typed ('1.5') -> micro-credits, or a usage error (exit 2) saying why."""
     try:
         return parse_credits(text, allow_negative=allow_negative)
     except ValueError as err:
-        fail(str(err))
+        raise click.BadParameter(str(err)) from None
 
 
 def password_or_fail(password):

@@ -5,7 +5,7 @@ import click
 from flask import current_app
 from flask_migrate import upgrade
 
-from bootstrap import STARTER_MODEL, bootstrap_admin, ensure_default_group
+from bootstrap import STARTER_MODEL, bootstrap_admin, ensure_default_group, reencrypt_channel_keys
 from extensions import db
 
 
@@ -16,6 +16,7 @@ def register(app):
         upgrade()
         ensure_default_group()
         db.session.commit()
+        _encrypt_channel_keys()
         click.echo("database is up to date")
 
     @app.cli.command("bootstrap")
@@ -23,6 +24,7 @@ def register(app):
         """Migrate, then create the first admin if none exists and print its password once."""
         upgrade()
         created = bootstrap_admin(current_app)
+        _encrypt_channel_keys()
         if created:
             email, password, starter_key = created
             if password:
@@ -32,6 +34,17 @@ def register(app):
                 click.echo(f"Created admin {email} (password from TOKENOPEN_ADMIN_PASSWORD)")
             if starter_key:
                 click.echo(_first_call(starter_key))
+
+
+def _encrypt_channel_keys():
+    """Upgrading installs: channel keys stored in plain text (or under a retired encryption
+    key) are re-encrypted under the current one on every start."""
+    changed, unreadable = reencrypt_channel_keys()
+    if changed:
+        click.echo(f"encrypted the upstream keys of {changed} channel(s)")
+    for name in unreadable:
+        click.echo(f"warning: the API key of channel {name} cannot be decrypted with "
+                   f"TOKENOPEN_ENCRYPTION_KEY or the secret key; it is not routed", err=True)
 
 
 def _first_call(key):

@@ -15,8 +15,18 @@ alias such as `gpt-4o-mini=fault-500` makes one channel fail while another works
   fault-stall      streams 3 events, then goes quiet for 4 s (past the gateway's read timeout)
   fault-overrun    ignores the max-tokens cap it was sent and reports 500 completion tokens
   fault-absurd / fault-negative / fault-strusage   report prompt_tokens 1e30 / -5 / "12"
+  fault-comments   SSE comment lines: `: OPENROUTER PROCESSING` before the first event,
+                   `: keep-alive` between events and a comment line inside one event
+  fault-drip       streams 40 events, one a second (under the read timeout, past a deadline)
+  fault-huge       a 2 MB answer without usage: one big JSON body sent chunked (no
+                   Content-Length), or a stream of 200 events of 10 KB each
+  fault-usage-*    a normal answer whose usage numbers are garbage: fault-usage-huge (1e30),
+                   fault-usage-negative, fault-usage-string ("lots"), fault-usage-float (12.7)
 Usage is deterministic: prompt_tokens = 3 + words in the request's text,
 completion_tokens = words answered; `fake_cached: N` in the body reports N cached tokens.
+Transcriptions report whisper's `{"type": "duration", "seconds": 2.4}` usage, or token usage
+`{"type": "tokens", ...}` for a model named gpt-4o-transcribe*. Images report gpt-image's token
+usage for a model named gpt-image*.
 
 Control endpoints: GET /_health, GET /_events?since=N (what it saw: requests with
 their Authorization header, and `closed` when a client went away mid-stream), POST /_reset.
@@ -59,12 +69,22 @@ def body_answer(body):
                         or body.get("max_output_tokens"))
 
 
+GARBAGE_USAGE = {"fault-usage-huge": 1e30, "fault-usage-negative": -50,
+                 "fault-usage-string": "lots", "fault-usage-float": 12.7}
+HUGE_BYTES = 2_000_000
+COMMENT_START = b": OPENROUTER PROCESSING\n\n"
+COMMENT_BETWEEN = b": keep-alive\n\n"
+
+
 def usage_for(body, completion):
     prompt = prompt_tokens(body)
     usage = {"prompt_tokens": prompt, "completion_tokens": completion,
              "total_tokens": prompt + completion}
     if body.get("fake_cached"):
         usage["prompt_tokens_details"] = {"cached_tokens": int(body["fake_cached"])}
+    garbage = GARBAGE_USAGE.get(body.get("model"))
+    if garbage is not None:
+        usage.update(prompt_tokens=garbage, completion_tokens=garbage, total_tokens=garbage)
     return usage
 
 
@@ -114,8 +134,11 @@ def sse(data):
 
 def stream_events(path, events, model):
     """Yield SSE events with the fault's pacing; record a client that went away."""
-    delay = {"fault-slow": 0.3, "fault-long": 0.1}.get(model, 0)
+    delay = {"fault-slow": 0.3, "fault-long": 0.1, "fault-drip": 1.0}.get(model, 0)
+    sent = 0
     try:
+        if model == "fault-comments":
+            yield COMMENT_START
         for index, event in enumerate(events):
             if model == "fault-break" and index == 3:
                 raise ConnectionAbortedError("fake upstream drops the stream")
@@ -123,11 +146,28 @@ def stream_events(path, events, model):
                 time.sleep(4)
             if delay and index:
                 time.sleep(delay)
+            if model == "fault-comments" and index:
+                yield COMMENT_BETWEEN
+                if index == 2:  # a comment line inside an event is ignored as well
+                    event = b": still here\n" + event
+            sent += len(event)
             yield event
-        record("stream_done", path=path)
+        record("stream_done", path=path, bytes=sent)
     except GeneratorExit:
-        record("closed", path=path)
+        record("closed", path=path, bytes=sent)
         raise
+
+
+def huge_json_body(base):
+    """A chat completion of HUGE_BYTES, sent in pieces (chunked: no Content-Length)."""
+    head = json.dumps(dict(base, object="chat.completion", choices=[{
+        "index": 0, "finish_reason": "stop",
+        "message": {"role": "assistant", "content": "@"}}]))
+    before, after = head.split("@")
+    yield before.encode()
+    for _ in range(HUGE_BYTES // 10_000):
+        yield b"x" * 10_000
+    yield after.encode()
 
 
 def _stream(path, events, model):
@@ -183,10 +223,12 @@ def chat():
         words, usage = ANSWER, usage_for(body, 500)
     if model in USAGE_LIES:
         usage["prompt_tokens"] = USAGE_LIES[model]
-    with_usage = model != "fault-nousage"
+    with_usage = model not in ("fault-nousage", "fault-huge")
     if not body.get("stream"):
         if model == "fault-malformed":
             return Response("this is not json {", content_type="application/json")
+        if model == "fault-huge":
+            return Response(huge_json_body(base), content_type="application/json")
         message = {"role": "assistant", "content": None if call_tool else " ".join(words)}
         if call_tool:
             message["tool_calls"] = [tool_call]
@@ -212,12 +254,15 @@ def chat():
             events.append(sse(chunk({"tool_calls": [{"index": 0,
                                                      "function": {"arguments": part}}]})))
         events.append(sse(chunk({}, "tool_calls")))
+    elif model == "fault-huge":
+        for _ in range(HUGE_BYTES // 10_000):
+            events.append(sse(chunk({"content": "x" * 10_000})))
     else:
-        count = 40 if model == "fault-long" else len(words)
+        count = 40 if model in ("fault-long", "fault-drip") else len(words)
         for index in range(count):
             word = ANSWER[index % len(ANSWER)]
             events.append(sse(chunk({"content": word if index == 0 else " " + word})))
-        if model == "fault-long":
+        if model in ("fault-long", "fault-drip"):
             usage = usage_for(body, count)
         events.append(sse(chunk({}, "stop")))
     if with_usage and (body.get("stream_options") or {}).get("include_usage"):
@@ -311,9 +356,15 @@ def responses():
 def images():
     body = request.get_json()
     count = int(body.get("n") or 1)
-    return jsonify(created=int(time.time()),
-                   data=[{"b64_json": "iVBORw0KGgo=", "revised_prompt": body["prompt"]}
-                         for _ in range(count)])
+    result = {"created": int(time.time()),
+              "data": [{"b64_json": "iVBORw0KGgo=", "revised_prompt": body["prompt"]}
+                       for _ in range(count)]}
+    if str(body.get("model", "")).startswith("gpt-image"):
+        prompt = prompt_tokens(body)
+        result["usage"] = {"input_tokens": prompt, "output_tokens": 272 * count,
+                           "total_tokens": prompt + 272 * count,
+                           "input_tokens_details": {"text_tokens": prompt, "image_tokens": 0}}
+    return jsonify(result)
 
 
 @app.post("/v1/audio/speech")
@@ -334,7 +385,15 @@ def transcription():
     text = f"fake transcript of {upload.filename} ({size} bytes)"
     if request.form.get("response_format") == "text":
         return Response(text, content_type="text/plain")
-    return jsonify(text=text)
+    if request.path.endswith("/translations"):  # translations report no usage
+        return jsonify(text=text)
+    if request.form.get("model", "").startswith("gpt-4o-transcribe"):
+        usage = {"type": "tokens", "input_tokens": 14, "output_tokens": len(text.split()),
+                 "total_tokens": 14 + len(text.split()),
+                 "input_token_details": {"text_tokens": 0, "audio_tokens": 14}}
+    else:
+        usage = {"type": "duration", "seconds": 2.4}
+    return jsonify(text=text, usage=usage)
 
 
 def _mount_native():

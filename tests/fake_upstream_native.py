@@ -11,6 +11,9 @@ fault-break, fault-malformed, fault-nousage, fault-long), plus:
 Anthropic: `fake_cached: N` / `fake_cache_write: M` in the body report N cache-read and
 M cache-write tokens (out of the same prompt total). Gemini: a top-level `fake_cached`
 reports cachedContentTokenCount (the gateway never sends it; for direct posts only).
+Garbage usage (fault-usage-huge/-negative/-string/-float, as in fake_upstream.py) replaces
+every count. A Gemini model whose name contains "thinking" also reports
+thoughtsTokenCount 4 and toolUsePromptTokenCount 5.
 A tool call ({"location": "Paris"} to the first declared tool) is answered whenever tools
 are declared, the tool choice does not forbid it, and the last turn is not a tool result.
 
@@ -24,6 +27,9 @@ import time
 from flask import Response, jsonify, request
 
 from fake_common import ANSWER, TOOL_ARGS, answer_words, count_words  # noqa: E402
+
+GARBAGE_USAGE = {"fault-usage-huge": 1e30, "fault-usage-negative": -50,
+                 "fault-usage-string": "lots", "fault-usage-float": 12.7}
 
 
 def _event(name, data):
@@ -76,8 +82,12 @@ def anthropic_usage(body, output_tokens):
     prompt = 3 + count_words(body.get("messages")) + count_words(body.get("system"))
     cached = int(body.get("fake_cached") or 0)
     written = int(body.get("fake_cache_write") or 0)
-    return {"input_tokens": prompt - cached - written, "output_tokens": output_tokens,
-            "cache_creation_input_tokens": written, "cache_read_input_tokens": cached}
+    usage = {"input_tokens": prompt - cached - written, "output_tokens": output_tokens,
+             "cache_creation_input_tokens": written, "cache_read_input_tokens": cached}
+    garbage = GARBAGE_USAGE.get(body.get("model"))
+    if garbage is not None:
+        usage.update(input_tokens=garbage, output_tokens=garbage)
+    return usage
 
 
 def anthropic_messages(stream_events):
@@ -188,12 +198,18 @@ def _gemini_tool(body):
     return declarations[0]["name"]
 
 
-def gemini_usage(body, completion):
+def gemini_usage(body, completion, model=""):
     prompt = 3 + count_words(body.get("contents")) + count_words(body.get("systemInstruction"))
     usage = {"promptTokenCount": prompt, "candidatesTokenCount": completion,
              "totalTokenCount": prompt + completion}
     if body.get("fake_cached"):
         usage["cachedContentTokenCount"] = int(body["fake_cached"])
+    if "thinking" in model:
+        usage.update(thoughtsTokenCount=4, toolUsePromptTokenCount=5,
+                     totalTokenCount=prompt + completion + 9)
+    garbage = GARBAGE_USAGE.get(model)
+    if garbage is not None:
+        usage.update(promptTokenCount=garbage, candidatesTokenCount=garbage)
     return usage
 
 
@@ -232,7 +248,7 @@ def gemini_generate(model, method, stream_events):
         result = {"candidates": [_candidate(parts, finish)], "modelVersion": model,
                   "responseId": "fake-response-1"}
         if with_usage:
-            result["usageMetadata"] = gemini_usage(body, completion)
+            result["usageMetadata"] = gemini_usage(body, completion, model)
         return jsonify(result)
     if request.args.get("alt") != "sse":
         return _gemini_error(400, "INVALID_ARGUMENT", "the fake only streams with alt=sse")
@@ -248,7 +264,7 @@ def gemini_generate(model, method, stream_events):
         chunk = {"candidates": [_candidate(parts, finish if last else None)],
                  "modelVersion": model, "responseId": "fake-response-1"}
         if with_usage:
-            chunk["usageMetadata"] = gemini_usage(body, completion if last else number + 1)
+            chunk["usageMetadata"] = gemini_usage(body, completion if last else number + 1, model)
         events.append(_data(chunk))
     if model == "fault-malformed":
         events.insert(1, b"data: {not json\n\n")

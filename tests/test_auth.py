@@ -77,7 +77,7 @@ def test_register_duplicate_email_is_refused(app, client, factory):
     factory.user("taken@example.com")
     resp = register(client, email="Taken@example.com", password="different-pass")
     assert resp.status_code == 200
-    assert "An account with this email already exists." in resp.get_data(as_text=True)
+    assert "An account cannot be created with this email address." in resp.get_data(as_text=True)
     assert user_count(app) == 1
     assert user_by_email(app, "taken@example.com").check_password(PASSWORD)
     assert not logged_in(client)

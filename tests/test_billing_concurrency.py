@@ -92,8 +92,8 @@ def test_fifty_reservations_from_a_wallet_covering_ten(app):
     with BalanceWatch(app, uid) as watch:
         results = run_threads(app, 50, lambda i: holds.reserve_credits(
             uid, None, f"req-{i}", MICRO))
-    holds = [value for kind, value in results if kind == "ok"]
-    assert len(holds) == 10
+    held = [value for kind, value in results if kind == "ok"]
+    assert len(held) == 10
     assert [r for r in results if r[0] != "ok"] == [("refused", "insufficient_credits")] * 40
     assert watch.lowest_balance == 10 * MICRO and watch.lowest_available >= 0
     with app.app_context():
@@ -105,7 +105,7 @@ def test_fifty_reservations_from_a_wallet_covering_ten(app):
     costs = [MICRO // 2, 3 * MICRO // 2] * 5
 
     def settle(i):
-        charged = holds.settle_credits(holds[i], costs[i], note="concurrent")
+        charged = holds.settle_credits(held[i], costs[i], note="concurrent")
         db.session.commit()
         return charged
     with BalanceWatch(app, uid) as watch:

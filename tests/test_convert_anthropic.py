@@ -513,3 +513,113 @@ def test_adaptor_stream_faults(fake_upstream):
         with pytest.raises(StreamBroken):
             list(reply.chunks())
         reply.close()
+
+
+# --- the output cap the relay reserved for (SPEC §10) -------------------------------------
+
+def test_output_cap_replaces_whatever_the_client_asked():
+    body = fixture_json("openai/chat_request_full.json")
+    body.update(max_tokens=100_000, max_completion_tokens=1, n=1)
+    out = convert.openai_to_anthropic_request(body, "claude-up", output_cap=256)
+    assert out["max_tokens"] == 256 and "max_completion_tokens" not in out
+    # without a cap (a caller that reserved nothing) the client's limit still goes through
+    assert convert.openai_to_anthropic_request(body, "claude-up")["max_tokens"] == 1
+
+
+def test_messages_via_chat_hands_the_cap_to_the_inner_adaptor():
+    inner = ChatOnly(body=fixture_bytes("openai/chat_completion_tool.json"))
+    call = messages_call(False)
+    call.body["max_completion_tokens"] = 1  # a stray OpenAI field on an Anthropic request
+    call.output_cap = 50
+    convert.messages_via_chat(inner, call)
+    chat_call = inner.calls[0]
+    assert chat_call.output_cap == 50
+    # the inner adaptor picks the field its channel honours: no cap field is pre-set for it
+    assert "max_tokens" not in chat_call.body and "max_completion_tokens" not in chat_call.body
+
+
+def test_native_messages_send_exactly_the_reserved_cap(fake_upstream):
+    fake_upstream.clear()
+    body = {"model": "claude-sonnet-4-6", "max_tokens": 100_000, "max_completion_tokens": 1,
+            "messages": [{"role": "user", "content": "hello"}]}
+    call = Call(endpoint="messages", model="claude-sonnet-4-6", body=body,
+                raw_body=json.dumps(body).encode(), content_type="application/json",
+                output_cap=3)
+    reply = adaptor(fake_upstream).send(call)
+    assert json.loads(reply.body)["content"][0]["text"] == "This is a"
+    seen = [e for e in fake_upstream.events() if e["type"] == "request"][-1]
+    assert seen["body"]["max_tokens"] == 3
+    chat = chat_call(False)
+    chat.body.update(max_tokens=100_000)
+    chat.output_cap = 2
+    adaptor(fake_upstream).send(chat)
+    seen = [e for e in fake_upstream.events() if e["type"] == "request"][-1]
+    assert seen["body"]["max_tokens"] == 2
+
+
+# --- usage: cache writes, streams cut short, garbage numbers ------------------------------
+
+def test_cache_writes_and_reads_are_kept_apart():
+    usage = Usage()
+    convert.AnthropicUsageTracker(usage).update(
+        fixture_json("anthropic/message_cached.json")["usage"])
+    raw = fixture_json("anthropic/message_cached.json")["usage"]
+    assert usage.cache_write_tokens == raw.get("cache_creation_input_tokens", 0)
+    assert usage.cached_tokens == raw["cache_read_input_tokens"]
+    assert usage.prompt_tokens == (raw["input_tokens"] + raw["cache_read_input_tokens"]
+                                   + raw.get("cache_creation_input_tokens", 0))
+    body = convert.anthropic_usage_of(usage)  # an Anthropic client sees them in its own shape
+    assert body["input_tokens"] == raw["input_tokens"]
+    assert body["cache_creation_input_tokens"] == raw.get("cache_creation_input_tokens", 0)
+
+
+def test_message_start_usage_is_not_final():
+    """A stream cut after message_start is counted from its text, not billed 1 token."""
+    events = anthropic_events("anthropic/stream_text.sse")
+    for cut in range(1, 6):  # message_start ... the second text delta
+        usage, text = Usage(), []
+        stream = convert.anthropic_stream_to_openai(iter(events[:cut]), "c", True, usage, text)
+        with pytest.raises(StreamBroken):
+            list(stream)
+        assert usage.reported is False
+        assert usage.prompt_tokens == 25  # stored: the relay may use the exact prompt
+        assert "".join(text) == "".join(["", "", "", "Hello", "Hello!"][cut - 1])
+
+
+def test_pass_through_stream_cut_short_counts_what_was_delivered():
+    raw = fixture_bytes("anthropic/stream_tool_use.sse")
+    events = list(split_sse([raw]))
+    reply = Reply(chunks=iter(()))
+    piped = AnthropicAdaptor._pass_through(None, iter(events[:-3]), reply)
+    forwarded = list(piped_until_broken(piped))
+    assert len(forwarded) == len(events) - 3
+    assert reply.usage.reported is False
+    text = "".join(reply.output_text)
+    assert "Okay, let's check the weather" in text and "get_weather" in text
+    assert '"San Francisco, CA"' in text  # tool-call argument deltas count too
+    whole = Reply(chunks=iter(()))
+    list(AnthropicAdaptor._pass_through(None, iter(events), whole))
+    assert whole.usage.reported is True and whole.usage.completion_tokens == 89
+
+
+def piped_until_broken(stream):
+    try:
+        yield from stream
+    except StreamBroken:
+        return
+
+
+@pytest.mark.parametrize("garbage", [1e30, -5, "lots", 12.7, None, [], {"a": 1}, True])
+def test_garbage_usage_never_raises(garbage):
+    usage = Usage()
+    convert.AnthropicUsageTracker(usage).update({"input_tokens": garbage, "output_tokens": 7})
+    assert usage.reported and usage.completion_tokens == 7
+    if garbage == -5:
+        assert not usage.garbled and usage.prompt_tokens == -5  # kept raw: the relay judges
+    elif garbage is None:  # absent: 0
+        assert not usage.garbled and usage.prompt_tokens == 0
+    else:
+        assert usage.garbled and usage.prompt_tokens == 0
+    message = dict(fixture_json("anthropic/message_text.json"),
+                   usage={"input_tokens": garbage, "output_tokens": garbage})
+    json.dumps(convert.anthropic_to_openai_response(message, "c"), allow_nan=False)

@@ -301,3 +301,67 @@ def test_adaptor_embeddings(fake_upstream):
     call = Call(endpoint="embeddings", model="m", body=one, raw_body=json.dumps(one).encode(),
                 content_type="application/json")
     assert len(json.loads(adaptor(fake_upstream).send(call).body)["data"]) == 1
+
+
+# --- the output cap the relay reserved for, and usage beyond plain tokens (SPEC §10) -------
+
+def test_output_cap_becomes_max_output_tokens_and_n_passes_through():
+    body = fixture_json("openai/chat_request_full.json")
+    body.update(max_tokens=100_000, max_completion_tokens=1, n=3)
+    config = convert.openai_to_gemini_request(body, output_cap=64)["generationConfig"]
+    assert config["maxOutputTokens"] == 64 and config["candidateCount"] == 3
+    assert convert.openai_to_gemini_request(body)["generationConfig"]["maxOutputTokens"] == 1
+
+
+def test_thought_and_tool_use_prompt_tokens_are_billed():
+    response = fixture_json("gemini/generate_thought_max_tokens.json")
+    response["usageMetadata"].update(toolUsePromptTokenCount=7, cachedContentTokenCount=4)
+    usage = convert.gemini_usage(response["usageMetadata"])
+    # tool-use prompt tokens are input; thoughts are output; the cached part is reported
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens) == (19, 53, 4)
+    assert convert.gemini_to_openai_response(response, "g")["usage"] == {
+        "prompt_tokens": 19, "completion_tokens": 53, "total_tokens": 72,
+        "prompt_tokens_details": {"cached_tokens": 4}}
+
+
+def test_stream_usage_is_final_only_once_a_candidate_finished():
+    events = gemini_events("gemini/stream_text.sse")
+    usage, text = Usage(), []
+    with pytest.raises(StreamBroken):
+        list(convert.gemini_stream_to_openai(iter(events[:2]), "g", True, usage, text))
+    assert usage.reported is False and "".join(text) == "The quick brown fox"
+    _, usage, _ = run_stream("gemini/stream_text.sse")
+    assert usage.reported is True
+
+
+@pytest.mark.parametrize("garbage", [1e30, -3, "many", float("nan"), [1]])
+def test_garbage_usage_metadata_never_raises(garbage):
+    response = fixture_json("gemini/generate_text.json")
+    response["usageMetadata"] = {"promptTokenCount": garbage, "candidatesTokenCount": 2}
+    usage = convert.gemini_usage(response["usageMetadata"])
+    assert usage.reported and usage.completion_tokens == 2
+    if garbage == -3:
+        assert not usage.garbled and usage.prompt_tokens == -3  # kept raw: the relay judges
+    else:
+        assert usage.garbled and usage.prompt_tokens == 0
+    json.dumps(convert.gemini_to_openai_response(response, "g"), allow_nan=False)
+
+
+def test_adaptor_sends_the_reserved_cap(fake_upstream):
+    fake_upstream.clear()
+    call = chat_call(False)
+    call.body.update(max_tokens=100_000, max_completion_tokens=1)
+    call.output_cap = 4
+    reply = adaptor(fake_upstream).send(call)
+    assert json.loads(reply.body)["choices"][0]["message"]["content"] == "This is a deterministic"
+    seen = [e for e in fake_upstream.events() if e["type"] == "request"][-1]
+    assert seen["body"]["generationConfig"]["maxOutputTokens"] == 4
+    assert "max_tokens" not in json.dumps(seen["body"])
+
+
+def test_adaptor_thinking_model_usage(fake_upstream):
+    reply = adaptor(fake_upstream, model="gemini-thinking").send(chat_call(True))
+    list(reply.chunks())
+    # fake: prompt 3 + 2 words, +5 tool-use prompt; 9 answer words + 4 thought tokens
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (10, 13)
+    assert reply.usage.reported

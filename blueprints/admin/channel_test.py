@@ -3,6 +3,7 @@ import json
 import time
 
 from blueprints.api.errors import ApiError
+from encryption import SecretUnreadable
 from extensions import db
 
 PING = "ping"
@@ -60,7 +61,11 @@ def _describe(message, status):
 
 
 def _failed(channel, latency_ms, message):
-    channel.last_error = _without_key(message, channel.api_key)[:2000]
+    try:
+        api_key = channel.api_key
+    except SecretUnreadable:  # then the adaptor never had the key to echo
+        api_key = ""
+    channel.last_error = _without_key(message, api_key)[:2000]
     db.session.add(channel)
     return False, latency_ms, channel.last_error
 

@@ -7,8 +7,9 @@ from wtforms.fields.choices import SelectChoice
 from wtforms.validators import (DataRequired, Email, InputRequired, Length, NumberRange,
                                 Optional, ValidationError)
 
-from models import split_list
-from money import parse_credits, parse_ratio_ppm
+from models import (MAX_EXPIRY_DAYS, MAX_OUTPUT_CAP, MAX_PRIORITY, MAX_RPM, MAX_TPM, MAX_WEIGHT,
+                    split_list)
+from money import MAX_CREDITS, MAX_MULTIPLIER, parse_credits, parse_ratio_ppm
 
 CHANNEL_TYPES = [
     SelectChoice("openai", "OpenAI-compatible (OpenAI, DeepSeek, Qwen, OpenRouter, vLLM, Ollama)"),
@@ -53,8 +54,8 @@ class CreditsField(StringField):
             self.micro = parse_credits(text, allow_negative=self.allow_negative)
         except ValueError:
             places = "" if self.allow_negative else "non-negative "
-            raise ValidationError(f"Enter a {places}number with at most 6 decimal places, "
-                                  f"e.g. 2.5.") from None
+            raise ValidationError(f"Enter a {places}number up to {MAX_CREDITS:,} with at most "
+                                  f"6 decimal places, e.g. 2.5.") from None
 
 
 class ChannelForm(FlaskForm):
@@ -68,10 +69,11 @@ class ChannelForm(FlaskForm):
     models = StringField("Models", validators=[DataRequired()],
                          description="Comma-separated; pub=upstream serves an upstream model "
                                      "under another public name.")
-    priority = IntegerField("Priority", default=0, validators=[InputRequired()],
+    priority = IntegerField("Priority", default=0, validators=[
+        InputRequired(), NumberRange(min=-MAX_PRIORITY, max=MAX_PRIORITY)],
                             description="Higher is tried first.")
     weight = IntegerField("Weight", default=1,
-                          validators=[InputRequired(), NumberRange(min=1, max=10000)],
+                          validators=[InputRequired(), NumberRange(min=1, max=MAX_WEIGHT)],
                           description="Share among channels of equal priority.")
     enabled = BooleanField("Enabled", default=True)
 
@@ -108,10 +110,10 @@ class GroupForm(FlaskForm):
     models = StringField("Models", default="*", validators=[DataRequired()],
                          description="* for every model, or a comma-separated list.")
     rpm = IntegerField("Requests per minute", default=60,
-                       validators=[InputRequired(), NumberRange(min=0)],
+                       validators=[InputRequired(), NumberRange(min=0, max=MAX_RPM)],
                        description="Per user; 0 is unlimited.")
     tpm = IntegerField("Tokens per minute", default=0,
-                       validators=[InputRequired(), NumberRange(min=0)],
+                       validators=[InputRequired(), NumberRange(min=0, max=MAX_TPM)],
                        description="Per user; 0 is unlimited.")
     concurrency = IntegerField("Requests in flight", default=0,
                                validators=[Optional(), NumberRange(min=0)],
@@ -123,8 +125,8 @@ class GroupForm(FlaskForm):
         try:
             self.multiplier_ppm = parse_ratio_ppm(field.data)
         except ValueError:
-            raise ValidationError("Enter a non-negative decimal like 1 or 1.25 "
-                                  "(at most 6 decimal places).") from None
+            raise ValidationError(f"Enter a non-negative decimal like 1 or 1.25, up to "
+                                  f"{MAX_MULTIPLIER} (at most 6 decimal places).") from None
 
     def validate_models(self, field):
         field.data = ",".join(split_list(field.data)) if field.data.strip() != "*" else "*"
@@ -163,10 +165,10 @@ class BalanceForm(FlaskForm):
 
 class CodesForm(FlaskForm):
     amount = CreditsField("Credits per code", validators=[DataRequired()])
-    count = IntegerField("How many", default=10,
-                         validators=[InputRequired(), NumberRange(min=1, max=1000)])
-    expires_days = IntegerField("Expires after (days)", validators=[Optional(),
-                                                                    NumberRange(min=1)],
+    count = IntegerField("How many", default=10, validators=[
+        InputRequired(), NumberRange(min=1, max=1000)])
+    expires_days = IntegerField("Expires after (days)", validators=[
+        Optional(), NumberRange(min=1, max=MAX_EXPIRY_DAYS)],
                                 description="Blank never expires.")
 
     def validate_amount(self, field):
@@ -179,5 +181,6 @@ class SettingsForm(FlaskForm):
     signup_bonus = CreditsField("Signup bonus (credits)", validators=[DataRequired()],
                                 description="Credits every new account starts with.")
     default_output_cap = IntegerField(
-        "Default output cap (tokens)", validators=[InputRequired(), NumberRange(min=1)],
+        "Default output cap (tokens)",
+        validators=[InputRequired(), NumberRange(min=1, max=MAX_OUTPUT_CAP)],
         description="Reserved for a request that does not set max_tokens.")

@@ -3,9 +3,8 @@
 Everything the CLI does, a person can do here. Every view is admin-only; every
 change is a CSRF-protected POST whose form validates inline.
 """
-import csv
-import io
 from datetime import timedelta
+from decimal import Decimal
 
 from flask import (Blueprint, Response, abort, current_app, flash, redirect,
                    render_template, request, session, stream_with_context, url_for)
@@ -25,6 +24,7 @@ from blueprints.auth.access import admin_required
 from blueprints.keys.forms import CreateKeyForm
 from blueprints.queries import paginate
 from bootstrap import DEFAULT_GROUP, create_user
+from csv_export import csv_chunks
 from extensions import db
 from models import (ApiKey, Channel, ChannelModel, Group, LedgerEntry, ModelPrice, RedemptionCode,
                     Setting, User, utcnow)
@@ -122,10 +122,11 @@ def channel_new():
 def channel_edit(channel_id):
     """Edit a channel; the API key field starts blank and blank keeps the old key."""
     channel = db.get_or_404(Channel, channel_id)
-    form = ChannelForm(obj=channel if request.method == "GET" else None)
-    if request.method == "GET":
-        form.models.data = channel.models_spec
-        form.api_key.data = ""
+    # Filled from a dict, not obj=channel: the form must never hold (or decrypt) the key.
+    form = ChannelForm(data={
+        "name": channel.name, "type": channel.type, "base_url": channel.base_url,
+        "models": channel.models_spec, "priority": channel.priority, "weight": channel.weight,
+        "enabled": channel.enabled} if request.method == "GET" else None)
     if form.validate_on_submit():
         if _name_taken(Channel, form.name.data.strip(), channel.id):
             form.name.errors.append("A channel with this name already exists.")
@@ -635,24 +636,18 @@ def codes_csv():
     query = _codes_query(status, batch).execution_options(yield_per=500)
 
     def rows():
-        buffer = io.StringIO()
-        writer = csv.writer(buffer)
-        writer.writerow(["code", "credits", "batch", "status", "created_at", "expires_at",
-                         "redeemed_by", "redeemed_at"])
         now = utcnow()
         for chunk in db.session.scalars(query).partitions(500):
             emails = _emails(c.redeemed_by_id for c in chunk)
             for c in chunk:
-                writer.writerow([c.code, format_credits(c.amount_micro), c.batch or "",
-                                 code_status(c, now), _iso(c.created_at), _iso(c.expires_at),
-                                 emails.get(c.redeemed_by_id, ""), _iso(c.redeemed_at)])
-            yield buffer.getvalue()
-            buffer.seek(0)
-            buffer.truncate()
-        yield buffer.getvalue()
+                yield [c.code, Decimal(format_credits(c.amount_micro)), c.batch or "",
+                       code_status(c, now), _iso(c.created_at), _iso(c.expires_at),
+                       emails.get(c.redeemed_by_id, ""), _iso(c.redeemed_at)]
 
     name = f"codes-{batch}.csv" if batch else f"codes-{status}.csv"
-    return Response(stream_with_context(rows()), mimetype="text/csv",
+    header = ["code", "credits", "batch", "status", "created_at", "expires_at", "redeemed_by",
+              "redeemed_at"]
+    return Response(stream_with_context(csv_chunks(header, rows())), mimetype="text/csv",
                     headers={"Content-Disposition": f'attachment; filename="{name}"'})
 
 

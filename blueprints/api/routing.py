@@ -9,6 +9,7 @@ from sqlalchemy import update
 import redis_store
 from cache import TTLCache, changed
 from blueprints.api.providers.base import Target
+from encryption import SecretUnreadable
 from extensions import db
 from models import Channel, ChannelModel, utcnow
 
@@ -31,10 +32,18 @@ def _load_routes(model):
         .join(ChannelModel, ChannelModel.channel_id == Channel.id)
         .where(ChannelModel.public_name == model, Channel.enabled.is_(True))
     ).all()
-    return [Route(Target(channel_id=c.id, channel_name=c.name, type=c.type, base_url=c.base_url,
-                         api_key=c.api_key, upstream_model=upstream),
-                  c.priority, max(c.weight, 0), c.cooldown_until, c.fail_count)
-            for c, upstream in rows]
+    routes = []
+    for c, upstream in rows:
+        try:
+            api_key = c.api_key  # decrypted here, once per cache load, never per request
+        except SecretUnreadable:
+            current_app.logger.error("channel %s skipped: its API key cannot be decrypted "
+                                     "with the configured encryption keys", c.name)
+            continue
+        routes.append(Route(Target(channel_id=c.id, channel_name=c.name, type=c.type,
+                                   base_url=c.base_url, api_key=api_key, upstream_model=upstream),
+                            c.priority, max(c.weight, 0), c.cooldown_until, c.fail_count))
+    return routes
 
 
 def routes_for(model):

@@ -13,6 +13,8 @@ from models import User
 
 bp = Blueprint("auth", __name__)
 
+TOO_MANY_SIGNUPS = ("Too many registrations from your network. Wait a while, then try again "
+                    "(or ask an admin to create your account).")
 TOO_MANY_LOGINS = ("Too many failed login attempts. Wait a minute, then try again "
                    "(or ask an admin to reset your password).")
 
@@ -33,8 +35,12 @@ def _failed_login(response):
 
 
 def safe_next(target):
-    """`target` if it is a path on this site, else None (no open redirects)."""
+    """`target` if it is a path on this site, else None (no open redirects, no header
+    injection): control characters go too, as browsers drop tabs and newlines from a URL,
+    turning "/\t/evil.example" into "//evil.example"."""
     if not target or not target.startswith("/") or target.startswith(("//", "/\\")):
+        return None
+    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in target):
         return None
     parts = urlsplit(target)
     return target if not parts.scheme and not parts.netloc else None
@@ -50,7 +56,13 @@ def _registration_links():
     return {"registration_mode": registration_mode}
 
 
+def _register_limit():
+    return current_app.config["REGISTER_LIMIT"]
+
+
 @bp.route("/register", methods=["GET", "POST"])
+@limiter.limit(_register_limit, methods=["POST"], scope="register-ip",
+               key_func=get_remote_address, error_message=TOO_MANY_SIGNUPS)
 def register():
     """Create an account (open, invite-only or closed, per the registration mode)."""
     if current_user.is_authenticated:
@@ -84,9 +96,8 @@ def login():
         return redirect(safe_next(request.args.get("next")) or _home())
     form = LoginForm()
     if form.validate_on_submit():
-        email = form.email.data.strip().lower()
-        user = db.session.scalar(db.select(User).filter_by(email=email))
-        if user is None or not user.check_password(form.password.data):
+        user = User.authenticate(form.email.data.strip().lower(), form.password.data)
+        if user is None:
             form.form_errors.append("Wrong email or password.")
         elif user.disabled:
             form.form_errors.append("This account is disabled. Ask an admin to enable it.")
@@ -105,8 +116,12 @@ def logout():
     if not current_user.is_authenticated:
         return redirect(url_for("auth.login"))
     if form.validate_on_submit():
+        # A new token kills every copy of this user's session and remember-me cookies
+        # (Flask-Login stores the token, and the cookies themselves live in the browser).
+        current_user.rotate_session_token()
+        db.session.commit()
         logout_user()
-        flash("You are logged out.", "ok")
+        flash("You are logged out. Your other devices are signed out too.", "ok")
         return redirect(url_for("auth.login"))
     return render_template("auth/logout.html", form=form)
 

@@ -8,6 +8,9 @@ from extensions import db
 from models import RedemptionCode, Setting, User, utcnow
 
 MODES = ("open", "invite", "closed")
+# Worded not to confirm that the address has an account (the register form is rate-limited).
+EMAIL_REFUSED = ("An account cannot be created with this email address. If you have one "
+                 "already, log in (an admin can reset a forgotten password).")
 
 
 class SignupError(ValueError):
@@ -57,12 +60,12 @@ def register_member(email, password, code=None):
         raise SignupError("Registration is closed on this gateway. Ask an admin for an account.")
     email = (email or "").strip().lower()
     code = (code or "").strip().lower()  # codes are stored lowercase (billing.redeem_code)
-    if _email_taken(email):
-        raise SignupError("An account with this email already exists.", "email")
-    if mode == "invite":
+    if mode == "invite":  # before the e-mail check: no probing addresses without a code
         if not code:
             raise SignupError("An invite code is required to register here.", "code")
         _check_invite(code)
+    if _email_taken(email):
+        raise SignupError(EMAIL_REFUSED, "email")
     try:
         user = create_user(email, password)
     except ValueError as err:
@@ -70,7 +73,7 @@ def register_member(email, password, code=None):
         raise SignupError(str(err)) from None
     except IntegrityError:  # another request registered the same email a moment ago
         db.session.rollback()
-        raise SignupError("An account with this email already exists.", "email") from None
+        raise SignupError(EMAIL_REFUSED, "email") from None
     try:
         if mode == "invite":
             redeem_code(user.id, code)  # commits the user and the redemption together
@@ -81,7 +84,7 @@ def register_member(email, password, code=None):
         raise SignupError(str(err) or "This invite code cannot be used.", "code") from None
     except IntegrityError:  # another request registered the same email a moment ago
         db.session.rollback()
-        raise SignupError("An account with this email already exists.", "email") from None
+        raise SignupError(EMAIL_REFUSED, "email") from None
     bonus = signup_bonus_micro()
     if bonus:
         grant_credits(user.id, bonus, kind="grant", note="signup bonus")

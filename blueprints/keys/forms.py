@@ -6,7 +6,7 @@ from flask_wtf import FlaskForm
 from wtforms import IntegerField, StringField, SubmitField
 from wtforms.validators import InputRequired, Length, NumberRange, Optional, ValidationError
 
-from models import split_list, utcnow
+from models import MAX_EXPIRY_DAYS, MAX_RPM, split_list, utcnow
 from money import parse_credits
 
 
@@ -25,7 +25,7 @@ class CreateKeyForm(FlaskForm):
     name = StringField("Name", validators=[InputRequired(), Length(max=100)],
                        render_kw={"placeholder": "e.g. laptop, ci, chat-app"})
     expires_days = IntegerField("Expires after (days)", validators=[
-        Optional(), NumberRange(min=1, max=3650)], description="Empty: never expires.")
+        Optional(), NumberRange(min=1, max=MAX_EXPIRY_DAYS)], description="Empty: never expires.")
     credit_limit = StringField("Credit limit", validators=[Optional(), Length(max=32)],
                                description="Credits this key may spend in total. Empty: no limit.")
     models = StringField("Allowed models", validators=[Optional(), Length(max=2000)],
@@ -33,7 +33,7 @@ class CreateKeyForm(FlaskForm):
     allowed_ips = StringField("Allowed IP ranges", validators=[Optional(), Length(max=2000)],
                               description="Comma-separated CIDRs, e.g. 10.0.0.0/8. Empty: any IP.")
     rpm = IntegerField("Requests per minute", default=0, validators=[
-        Optional(), NumberRange(min=0, max=1_000_000)], description="0: no limit of its own.")
+        Optional(), NumberRange(min=0, max=MAX_RPM)], description="0: no limit of its own.")
     tpm = IntegerField("Tokens per minute", default=0, validators=[
         Optional(), NumberRange(min=0, max=1_000_000_000)], description="0: no limit of its own.")
     concurrency = IntegerField("Requests in flight", default=0, validators=[

@@ -1,6 +1,7 @@
 """The SQL behind /logs and /logs.csv: filters, keyset pages, and the CSV rows."""
 from dataclasses import dataclass, fields
 from datetime import date, datetime, timedelta
+from decimal import Decimal
 
 from sqlalchemy import and_, false, or_, select
 
@@ -135,14 +136,15 @@ CSV_COLUMNS = ("time", "request_id", "user", "key_name", "model", "channel", "en
 
 
 def csv_rows(query, batch=1000):
-    """The rows of `query` as CSV value tuples, fetched `batch` at a time (never all at once)."""
+    """The rows of `query` as CSV value tuples, fetched `batch` at a time (never all at once);
+    numbers are numbers (credits a Decimal), so csv_export neutralises only the text."""
     query = (query.add_columns(User.email).outerjoin(User, User.id == RequestLog.user_id)
              .execution_options(yield_per=batch))
     for log, email in db.session.execute(query):
         yield (log.created_at.isoformat(sep=" ", timespec="seconds"), log.request_id,
                email or "", log.key_name or "", log.model or "", log.channel_name or "",
                log.endpoint, "yes" if log.is_stream else "no", log.prompt_tokens,
-               log.completion_tokens, log.cached_tokens, format_credits(log.credits_micro),
+               log.completion_tokens, log.cached_tokens, Decimal(format_credits(log.credits_micro)),
                log.status, log.http_status, log.latency_ms,
                "" if log.ttft_ms is None else log.ttft_ms, "yes" if log.estimated else "no",
                log.error or "")

@@ -1,7 +1,4 @@
 """Console pages: request logs and their CSV export (same filters as query parameters)."""
-import csv
-import io
-
 from flask import Blueprint, Response, render_template, request, stream_with_context
 from flask_login import current_user, login_required
 
@@ -9,6 +6,7 @@ from blueprints.logs.queries import (
     CSV_COLUMNS, STATUSES, LogFilters, csv_rows, emails_by_id, filter_choices, filtered_logs,
     log_page,
 )
+from csv_export import csv_chunks
 from models import utcnow
 
 bp = Blueprint("logs", __name__)
@@ -32,19 +30,7 @@ def export_csv():
     """Every filtered row as CSV, streamed in batches so a million rows never sit in memory."""
     filters = LogFilters.from_args(request.args, current_user.is_admin)
     query = filtered_logs(current_user, filters)
-
-    def generate():
-        buffer = io.StringIO()
-        writer = csv.writer(buffer)
-        writer.writerow(CSV_COLUMNS)
-        for count, row in enumerate(csv_rows(query), 1):
-            writer.writerow(row)
-            if count % 500 == 0:
-                yield buffer.getvalue()
-                buffer.seek(0)
-                buffer.truncate()
-        yield buffer.getvalue()
-
     name = f"tokenopen-logs-{utcnow():%Y%m%d-%H%M%S}.csv"
-    return Response(stream_with_context(generate()), mimetype="text/csv",
+    return Response(stream_with_context(csv_chunks(CSV_COLUMNS, csv_rows(query))),
+                    mimetype="text/csv",
                     headers={"Content-Disposition": f'attachment; filename="{name}"'})

@@ -5,7 +5,7 @@ import requests
 from flask import current_app
 
 from blueprints.api.providers.anthropic import AnthropicAdaptor
-from blueprints.api.providers.base import Target
+from blueprints.api.providers.base import Limits, Target
 from blueprints.api.providers.gemini import GeminiAdaptor
 from blueprints.api.providers.mock import MockAdaptor
 from blueprints.api.providers.openai import OpenAIAdaptor
@@ -47,9 +47,17 @@ def timeouts():
     return (config["UPSTREAM_CONNECT_TIMEOUT"], config["UPSTREAM_TIMEOUT"])
 
 
+def limits():
+    """The overall stream deadline and the upstream body size cap (SPEC §10)."""
+    config = current_app.config
+    default = Limits()
+    return Limits(stream_seconds=config.get("STREAM_MAX_SECONDS", default.stream_seconds),
+                  response_bytes=config.get("MAX_RESPONSE_BYTES", default.response_bytes))
+
+
 def build_adaptor(target):
     """The adaptor for a Target (a channel plus the upstream model name)."""
-    return ADAPTORS[target.type](target, http_session(), timeouts())
+    return ADAPTORS[target.type](target, http_session(), timeouts(), limits())
 
 
 def adaptor_for(channel, public_model=None):

@@ -12,7 +12,7 @@ from blueprints.api.providers.anthropic_convert import (
     openai_to_anthropic_request,
 )
 from blueprints.api.providers.base import (
-    Adaptor, Reply, StreamBroken, UpstreamFailure, broken_stream, sse_data, sse_events,
+    Adaptor, Reply, StreamBroken, UpstreamFailure, broken_stream, sse_data,
 )
 from blueprints.api.providers.openai import upstream_error
 
@@ -54,6 +54,8 @@ def first_then_rest(events):
     """
     try:
         first = next(events, None)
+    except StreamBroken as err:  # the deadline or the size cap, before any byte went out
+        raise UpstreamFailure("bad_response", str(err)) from None
     except requests.Timeout:
         raise UpstreamFailure("timeout", "upstream did not start the stream in time") from None
     except (requests.RequestException, OSError) as err:
@@ -119,7 +121,7 @@ class AnthropicAdaptor(Adaptor):
 
     def _stream(self, response):
         """The upstream's events, the first already read; an early `error` is retryable."""
-        first, events = first_then_rest(sse_events(response))
+        first, events = first_then_rest(self.sse_events(response))
         try:
             _early_error(first)
         except UpstreamFailure:
@@ -131,7 +133,7 @@ class AnthropicAdaptor(Adaptor):
 
     def send_chat(self, call):
         """OpenAI chat completion via Anthropic Messages, stream or not."""
-        body = openai_to_anthropic_request(call.body, self.target.upstream_model)
+        body = openai_to_anthropic_request(call.body, self.target.upstream_model, call.output_cap)
         response = self._post(call, body)
         if not call.stream:
             message = read_json(response)
@@ -152,6 +154,8 @@ class AnthropicAdaptor(Adaptor):
     def send_messages(self, call):
         """Anthropic Messages passed through: only the model name changes on the way out."""
         body = call.json_with(model=self.target.upstream_model)
+        if call.output_cap is not None:
+            body["max_tokens"] = call.output_cap  # the cap the relay reserved for, nothing more
         response = self._post(call, body)
         if not call.stream:
             raw = response.content
@@ -175,11 +179,15 @@ class AnthropicAdaptor(Adaptor):
                 raise StreamBroken((data.get("error") or {}).get("message")
                                    or "Anthropic stream error")
             if kind == "message_start":
-                tracker.update((data.get("message") or {}).get("usage"))
+                message = data.get("message")
+                tracker.update(message.get("usage") if isinstance(message, dict) else None,
+                               final=False)
             elif kind == "message_delta":
                 tracker.update(data.get("usage"))
+            elif kind == "content_block_start":
+                reply.output_text.extend(block_start_texts(data.get("content_block")))
             elif kind == "content_block_delta":
-                reply.output_text.extend(delta_texts(data.get("delta") or {}))
+                reply.output_text.extend(delta_texts(data.get("delta")))
             yield event + b"\n\n"
             if kind == "message_stop":
                 return
@@ -188,16 +196,29 @@ class AnthropicAdaptor(Adaptor):
 
 def message_texts(message):
     """Generated text in an Anthropic message (text, thinking, tool input), for counting."""
-    for block in message.get("content") or []:
-        if block.get("type") == "text":
-            yield block.get("text") or ""
-        elif block.get("type") == "thinking":
-            yield block.get("thinking") or ""
-        elif block.get("type") == "tool_use":
-            yield json.dumps(block.get("input") or {})
+    content = message.get("content")
+    for block in content if isinstance(content, list) else []:
+        if not isinstance(block, dict):
+            continue
+        if block.get("type") == "text" and isinstance(block.get("text"), str):
+            yield block["text"]
+        elif block.get("type") == "thinking" and isinstance(block.get("thinking"), str):
+            yield block["thinking"]
+        elif block.get("type") in ("tool_use", "server_tool_use"):
+            yield str(block.get("name") or "") + json.dumps(block.get("input") or {})
+
+
+def block_start_texts(block):
+    """Text a content_block_start already carries (a tool's name), for counting."""
+    if isinstance(block, dict) and block.get("type") in ("tool_use", "server_tool_use") \
+            and isinstance(block.get("name"), str):
+        yield block["name"]
 
 
 def delta_texts(delta):
+    """Text of a content_block_delta: text, thinking or tool-input JSON, for counting."""
+    if not isinstance(delta, dict):
+        return
     for field in ("text", "thinking", "partial_json"):
-        if delta.get(field):
+        if isinstance(delta.get(field), str) and delta[field]:
             yield delta[field]

@@ -11,12 +11,13 @@ Field names follow Anthropic's Messages API reference (docs.anthropic.com, "Mess
 "Streaming Messages") and OpenAI's Chat Completions reference.
 """
 import json
+import math
 import time
 import uuid
 
 from blueprints.api.errors import ApiError
 from blueprints.api.providers.base import (
-    Call, Reply, StreamBroken, UpstreamFailure, split_sse, sse_data, sse_encode,
+    Call, Reply, StreamBroken, UpstreamFailure, Usage, as_count, split_sse, sse_data, sse_encode,
 )
 from blueprints.api.tokens import estimate_prompt_tokens
 
@@ -148,8 +149,12 @@ def _anthropic_tool_choice(choice, parallel):
     return result
 
 
-def openai_to_anthropic_request(body, upstream_model):
-    """An OpenAI chat completion request as an Anthropic Messages request."""
+def openai_to_anthropic_request(body, upstream_model, output_cap=None):
+    """An OpenAI chat completion request as an Anthropic Messages request.
+
+    `output_cap` (what the relay reserved for) is sent as max_tokens, whatever the client
+    asked; without it, the client's max_completion_tokens / max_tokens or a default.
+    """
     system = []
     messages = []
     for message in body.get("messages") or []:
@@ -176,9 +181,9 @@ def openai_to_anthropic_request(body, upstream_model):
         else:
             raise _bad_request(f"Unsupported message role {role!r}.", "messages")
 
-    out = {"model": upstream_model, "messages": messages,
-           "max_tokens": body.get("max_completion_tokens") or body.get("max_tokens")
-           or DEFAULT_MAX_TOKENS}
+    max_tokens = output_cap if output_cap is not None else (
+        body.get("max_completion_tokens") or body.get("max_tokens") or DEFAULT_MAX_TOKENS)
+    out = {"model": upstream_model, "messages": messages, "max_tokens": max_tokens}
     if system:
         out["system"] = "\n\n".join(system)
     for ours, theirs in (("temperature", "temperature"), ("top_p", "top_p")):
@@ -206,12 +211,22 @@ def openai_to_anthropic_request(body, upstream_model):
 # --- outbound: Anthropic response -> OpenAI chat completion -------------------------------
 
 def anthropic_usage_numbers(usage):
-    """(prompt, completion, cached) from Anthropic usage; prompt includes cache reads and writes."""
-    usage = usage or {}
-    cache_read = usage.get("cache_read_input_tokens") or 0
-    cache_write = usage.get("cache_creation_input_tokens") or 0
-    prompt = (usage.get("input_tokens") or 0) + cache_read + cache_write
-    return prompt, usage.get("output_tokens") or 0, cache_read
+    """(prompt, completion, cached, cache_write) from Anthropic usage.
+
+    Anthropic's input_tokens excludes cache reads and writes; our prompt includes both. A
+    count that is not a whole number makes its result NaN, which base.Usage marks garbled.
+    """
+    usage = usage if isinstance(usage, dict) else {}
+    fresh, read, write, out = (as_count(_zero_if_none(usage.get(name))) for name in (
+        "input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens",
+        "output_tokens"))
+    prompt = math.nan if None in (fresh, read, write) else fresh + read + write
+    return (prompt, math.nan if out is None else out, math.nan if read is None else read,
+            math.nan if write is None else write)
+
+
+def _zero_if_none(value):
+    return 0 if value is None else value
 
 
 def openai_usage_body(prompt, completion, cached):
@@ -219,6 +234,11 @@ def openai_usage_body(prompt, completion, cached):
     return {"prompt_tokens": prompt, "completion_tokens": completion,
             "total_tokens": prompt + completion,
             "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+def openai_usage_of(usage):
+    """OpenAI's usage object for a base.Usage (cache writes are part of prompt_tokens)."""
+    return openai_usage_body(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens)
 
 
 def anthropic_to_openai_response(message, model):
@@ -245,7 +265,7 @@ def anthropic_to_openai_response(message, model):
         "choices": [{"index": 0, "message": reply, "logprobs": None,
                      "finish_reason": FINISH_FROM_STOP_REASON.get(message.get("stop_reason"),
                                                                   "stop")}],
-        "usage": openai_usage_body(*anthropic_usage_numbers(message.get("usage"))),
+        "usage": openai_usage_of(anthropic_usage(message.get("usage"))),
     }
 
 
@@ -263,16 +283,24 @@ class ChunkWriter:
                                                     "logprobs": None,
                                                     "finish_reason": finish_reason}]))
 
-    def usage(self, prompt, completion, cached):
-        return sse_encode(dict(self.base, choices=[],
-                               usage=openai_usage_body(prompt, completion, cached)))
+    def usage(self, usage):
+        """The final usage-only chunk for a base.Usage."""
+        return sse_encode(dict(self.base, choices=[], usage=openai_usage_of(usage)))
+
+
+def anthropic_usage(raw):
+    """A base.Usage from one whole Anthropic usage object."""
+    usage = Usage()
+    AnthropicUsageTracker(usage).update(raw)
+    return usage
 
 
 class AnthropicUsageTracker:
     """Folds Anthropic usage objects (message_start, message_delta, a whole body) into a Usage.
 
     message_delta counts are cumulative and may omit the input fields, so a field it leaves
-    out keeps the value message_start gave.
+    out keeps the value message_start gave. message_start's numbers are stored but not final
+    (its output_tokens is a placeholder): a stream cut after it is counted from its text.
     """
     FIELDS = ("input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens",
               "output_tokens")
@@ -281,14 +309,15 @@ class AnthropicUsageTracker:
         self.usage = usage
         self.counts = dict.fromkeys(self.FIELDS, 0)
 
-    def update(self, raw):
-        """Record one usage object from the upstream."""
-        if not raw:
+    def update(self, raw, final=True):
+        """Record one usage object from the upstream (`final=False`: message_start's)."""
+        if not isinstance(raw, dict) or not raw:
             return
         for field in self.FIELDS:
             if raw.get(field) is not None:
                 self.counts[field] = raw[field]
-        self.usage.add_reported(*anthropic_usage_numbers(self.counts))
+        prompt, completion, cached, cache_write = anthropic_usage_numbers(self.counts)
+        self.usage.add_reported(prompt, completion, cached, cache_write, final=final)
 
 
 def anthropic_stream_to_openai(events, model, wants_usage, usage, output_text):
@@ -309,7 +338,7 @@ def anthropic_stream_to_openai(events, model, wants_usage, usage, output_text):
         if kind == "message_start":
             message = data.get("message") or {}
             writer = ChunkWriter("chatcmpl-" + (message.get("id") or _new_id("")), model)
-            tracker.update(message.get("usage"))
+            tracker.update(message.get("usage"), final=False)
             yield writer.delta({"role": "assistant", "content": ""})
             continue
         if writer is None:
@@ -344,8 +373,7 @@ def anthropic_stream_to_openai(events, model, wants_usage, usage, output_text):
         elif kind == "message_stop":
             yield writer.delta({}, finish_reason=finish)
             if wants_usage:
-                yield writer.usage(usage.prompt_tokens, usage.completion_tokens,
-                                   usage.cached_tokens)
+                yield writer.usage(usage)
             yield b"data: [DONE]\n\n"
             return
     raise StreamBroken("The Anthropic stream ended before message_stop.")
@@ -494,20 +522,33 @@ def anthropic_to_openai_request(body):
 
 # --- inbound: OpenAI chat completion -> Anthropic message ---------------------------------
 
-def anthropic_usage_body(prompt, completion, cached):
-    """Anthropic's usage object; its input_tokens excludes cache reads."""
-    return {"input_tokens": max(prompt - cached, 0), "output_tokens": completion,
-            "cache_creation_input_tokens": 0, "cache_read_input_tokens": cached}
+def anthropic_usage_body(prompt, completion, cached, cache_write=0):
+    """Anthropic's usage object; its input_tokens excludes cache reads and writes."""
+    return {"input_tokens": max(prompt - cached - cache_write, 0), "output_tokens": completion,
+            "cache_creation_input_tokens": cache_write, "cache_read_input_tokens": cached}
+
+
+def anthropic_usage_of(usage):
+    """Anthropic's usage object for a base.Usage."""
+    return anthropic_usage_body(usage.prompt_tokens, usage.completion_tokens,
+                                usage.cached_tokens, usage.cache_write_tokens)
 
 
 def _openai_usage_numbers(usage):
-    usage = usage or {}
-    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
-    return usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0, cached
+    """(prompt, completion, cached) of an OpenAI usage object; garbage counts as 0."""
+    usage = usage if isinstance(usage, dict) else {}
+    details = usage.get("prompt_tokens_details")
+    cached = details.get("cached_tokens") if isinstance(details, dict) else 0
+    return tuple(as_count(value or 0) or 0 for value in (
+        usage.get("prompt_tokens"), usage.get("completion_tokens"), cached))
 
 
-def openai_to_anthropic_response(completion, model):
-    """An OpenAI chat completion as an Anthropic Messages response."""
+def openai_to_anthropic_response(completion, model, usage=None):
+    """An OpenAI chat completion as an Anthropic Messages response.
+
+    `usage` (the base.Usage the inner adaptor read, when reported) wins over the body's own
+    usage: it carries what the provider reported beyond OpenAI's fields (cache writes).
+    """
     choice = (completion.get("choices") or [{}])[0]
     message = choice.get("message") or {}
     content = []
@@ -526,7 +567,8 @@ def openai_to_anthropic_response(completion, model):
             "model": model, "content": content,
             "stop_reason": STOP_REASON_FROM_FINISH.get(choice.get("finish_reason"), "end_turn"),
             "stop_sequence": None,
-            "usage": anthropic_usage_body(*_openai_usage_numbers(completion.get("usage")))}
+            "usage": anthropic_usage_of(usage) if usage is not None and usage.reported
+            else anthropic_usage_body(*_openai_usage_numbers(completion.get("usage")))}
 
 
 def _message_id(openai_id):
@@ -593,6 +635,8 @@ def openai_stream_to_anthropic(chunks, model, input_estimate=0, usage=None):
             chunk = json.loads(text)
         except ValueError:
             continue
+        if not isinstance(chunk, dict):
+            continue
         if chunk.get("error"):
             raise StreamBroken((chunk["error"] or {}).get("message") or "upstream stream error")
         if chunk.get("usage"):
@@ -626,12 +670,13 @@ def openai_stream_to_anthropic(chunks, model, input_estimate=0, usage=None):
             if choice.get("finish_reason"):
                 stop_reason = STOP_REASON_FROM_FINISH.get(choice["finish_reason"], "end_turn")
     yield from out.close()
-    if reported is None and usage is not None and usage.reported:
-        reported = (usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens)
-    prompt, completion, cached = reported or (input_estimate, 0, 0)
+    if usage is not None and usage.reported:
+        final_usage = anthropic_usage_of(usage)
+    else:
+        final_usage = anthropic_usage_body(*(reported or (input_estimate, 0, 0)))
     yield out.event({"type": "message_delta",
                      "delta": {"stop_reason": stop_reason, "stop_sequence": None},
-                     "usage": anthropic_usage_body(prompt, completion, cached)})
+                     "usage": final_usage})
     yield out.event({"type": "message_stop"})
 
 
@@ -647,10 +692,13 @@ def messages_via_chat(adaptor, call):
     if not isinstance(call.body, dict):
         raise _bad_request("The request body must be a JSON object.")
     chat_body = anthropic_to_openai_request(call.body)
+    if call.output_cap is not None:
+        # the inner adaptor sends the cap in the field its channel honours
+        chat_body.pop("max_tokens", None)
     chat_call = Call(endpoint="chat", model=call.model, body=chat_body,
                      raw_body=json.dumps(chat_body).encode(), content_type="application/json",
                      stream=call.stream, wants_usage=True, request_id=call.request_id,
-                     headers=call.headers)
+                     headers=call.headers, output_cap=call.output_cap)
     inner = adaptor.send_chat(chat_call)
     model = call.body.get("model") or call.model
     if not inner.is_stream:
@@ -660,7 +708,11 @@ def messages_via_chat(adaptor, call):
             inner.close()
             raise UpstreamFailure("bad_response", "The upstream answered with a body that is "
                                   "not JSON.")
-        body = json.dumps(openai_to_anthropic_response(completion, model)).encode()
+        if not isinstance(completion, dict):
+            inner.close()
+            raise UpstreamFailure("bad_response", "The upstream answered with an unexpected "
+                                  "JSON body.")
+        body = json.dumps(openai_to_anthropic_response(completion, model, inner.usage)).encode()
         reply = Reply(status=inner.status, body=body, usage=inner.usage, close=inner.close)
     else:
         chunks = openai_stream_to_anthropic(inner.chunks(), model,

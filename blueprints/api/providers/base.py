@@ -12,6 +12,8 @@ another channel when `.retryable`); a break after the first byte raises
 `StreamBroken` from `Reply.chunks()`.
 """
 import json
+import math
+import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -43,25 +45,48 @@ class Usage:
     reported: bool = False  # True once the upstream's final usage arrived
     garbled: bool = False  # the upstream sent a number that is not a whole number
 
-    def add_reported(self, prompt=None, completion=None, cached=None):
-        """Record numbers the upstream reported (None leaves a field as it was)."""
-        if prompt is not None:
-            self.prompt_tokens = self.whole(prompt)
-        if completion is not None:
-            self.completion_tokens = self.whole(completion)
-        if cached is not None:
-            self.cached_tokens = self.whole(cached)
-        self.reported = True
+    def add_reported(self, prompt=None, completion=None, cached=None, cache_write=None,
+                     images=None, seconds=None, final=True):
+        """Record numbers the upstream reported (None leaves a field as it was).
 
-    def whole(self, value):
+        `final=False` stores numbers seen mid-stream (Anthropic's message_start, Gemini's
+        running counts) without marking usage as reported. A number that is not a whole count
+        counts 0 and marks the usage garbled (see `whole`), so the relay counts locally.
+        """
+        for name, value in (("prompt_tokens", prompt), ("completion_tokens", completion),
+                            ("cached_tokens", cached), ("cache_write_tokens", cache_write),
+                            ("images", images)):
+            if value is not None:
+                setattr(self, name, self.whole(value))
+        if seconds is not None:
+            self.seconds = self.whole(seconds, round_up=True)
+        self.reported = self.reported or final
+
+    def whole(self, value, round_up=False):
         """An upstream's count as an int; anything else (strings, fractions, 1e30 as a float,
-        booleans) counts 0 and marks the usage garbled, so the relay counts locally."""
-        if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
-            value = int(value)
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        self.garbled = True
-        return 0
+        booleans, NaN) counts 0 and marks the usage garbled, so the relay counts locally.
+        `round_up`: a fraction is rounded up instead (audio seconds)."""
+        number = as_count(value, round_up)
+        if number is None:
+            self.garbled = True
+            return 0
+        return number
+
+
+def as_count(value, round_up=False):
+    """An upstream's count as an int, or None when it is not one: ints are kept raw (even
+    negative: the relay sanitises them), whole floats below 2**53 become ints (`round_up`:
+    any such float, rounded up); strings, NaN and booleans are not counts."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and math.isfinite(value) and abs(value) < 2**53:
+        if value.is_integer():
+            return int(value)
+        if round_up:
+            return math.ceil(value)
+    return None
 
 
 @dataclass
@@ -165,14 +190,23 @@ class Reply:
             close()
 
 
+@dataclass(frozen=True)
+class Limits:
+    """How long one stream may last and how many bytes one upstream answer may have."""
+    stream_seconds: float = 3600
+    response_bytes: int = 64 * 1024 * 1024
+
+
 class Adaptor:
     """Base of every adaptor. Subclasses define send_<endpoint>(call) -> Reply."""
     type = "base"
 
-    def __init__(self, target, http, timeout):
+    def __init__(self, target, http, timeout, limits=None):
         self.target = target
         self.http = http  # the worker's pooled requests.Session
         self.timeout = timeout  # (connect seconds, read seconds)
+        self.limits = limits or Limits()
+        self.started = time.monotonic()  # reset by send(): the stream deadline counts from it
 
     def send(self, call) -> Reply:
         """Send `call` upstream; raises UpstreamFailure before the first byte."""
@@ -181,6 +215,7 @@ class Adaptor:
             raise ApiError(400, "unsupported_endpoint",
                            f"Model {call.model} is served by a {self.type} channel, "
                            f"which does not support this endpoint.")
+        self.started = time.monotonic()
         return handler(call)
 
     def send_messages(self, call) -> Reply:
@@ -191,9 +226,14 @@ class Adaptor:
     # Helpers for subclasses ------------------------------------------------------------
 
     def http_post(self, url, *, stream=False, **kwargs):
-        """POST with the worker's pooled session; transport failures become UpstreamFailure."""
+        """POST with the worker's pooled session; transport failures become UpstreamFailure.
+
+        The body is always fetched lazily: a non-stream answer (and any error answer) is read
+        here up to the size cap, so `.content` / `.json()` work as usual afterwards and an
+        oversized body is never buffered whole.
+        """
         try:
-            return self.http.post(url, stream=stream, timeout=self.timeout, **kwargs)
+            response = self.http.post(url, stream=True, timeout=self.timeout, **kwargs)
         except requests.ConnectTimeout as err:
             raise UpstreamFailure("connect", f"could not connect to upstream: {err}") from None
         except requests.Timeout:
@@ -201,6 +241,31 @@ class Adaptor:
         except requests.RequestException as err:
             raise UpstreamFailure("connect", f"could not reach upstream: {type(err).__name__}") \
                 from None
+        if not stream or response.status_code >= 400:
+            read_capped(response, self.limits.response_bytes,
+                        self.started + self.limits.stream_seconds)
+        return response
+
+    def stream_pieces(self, response, chunk_size=None) -> Iterator[bytes]:
+        """The upstream stream's byte pieces, ended by StreamBroken past the stream deadline
+        or the response size cap (a read that blocks is bounded by the read timeout)."""
+        deadline = self.started + self.limits.stream_seconds
+        cap = self.limits.response_bytes
+        total = 0
+        for piece in response.iter_content(chunk_size=chunk_size):
+            total += len(piece)
+            if total > cap:
+                response.close()
+                raise StreamBroken(f"upstream stream exceeded {cap} bytes")
+            if time.monotonic() > deadline:
+                response.close()
+                raise StreamBroken(f"stream exceeded {self.limits.stream_seconds:g} seconds",
+                                   timeout=True)
+            yield piece
+
+    def sse_events(self, response) -> Iterator[bytes]:
+        """Whole SSE events from an upstream stream, within the deadline and size cap."""
+        return split_sse(self.stream_pieces(response))
 
     def url(self, path, version="v1"):
         """base_url + /<version>/path, accepting a base URL that already ends in /<version>."""
@@ -210,30 +275,93 @@ class Adaptor:
         return f"{base}/{version}/{path.lstrip('/')}"
 
 
+READ_PIECE = 64 * 1024
+
+
+def read_capped(response, cap, deadline=None):
+    """Read a whole upstream body, at most `cap` bytes; more is UpstreamFailure (502), and so
+    is a body still arriving after `deadline` (time.monotonic()).
+
+    The bytes are stored where requests keeps a body it read itself, so `.content`, `.text`
+    and `.json()` work on the response afterwards.
+    """
+    too_large = UpstreamFailure("bad_response", "upstream response too large")
+    declared = response.headers.get("Content-Length", "")
+    if declared.isdigit() and int(declared) > cap:
+        response.close()
+        raise too_large
+    body = bytearray()
+    try:
+        for piece in response.iter_content(READ_PIECE):
+            body += piece
+            if len(body) > cap:
+                raise too_large
+            if deadline is not None and time.monotonic() > deadline:
+                response.close()
+                raise UpstreamFailure("timeout", "upstream answer took longer than the "
+                                      "stream deadline")
+    except requests.RequestException as err:
+        if "ReadTimeout" in repr(err) or isinstance(err, requests.Timeout):
+            raise UpstreamFailure("timeout", "upstream did not finish its answer in time") \
+                from None
+        raise UpstreamFailure("connect", f"upstream answer broke: {type(err).__name__}") \
+            from None
+    finally:
+        if len(body) > cap:
+            response.close()
+    response._content = bytes(body)
+    response._content_consumed = True
+    return response._content
+
+
 def split_sse(pieces) -> Iterator[bytes]:
     """Whole SSE events (bytes, without the blank line) from an iterator of byte pieces.
 
-    Yields each event as soon as its terminating blank line arrives, so nothing
-    is held back longer than it takes to see the event end.
+    Yields each event as soon as its terminating blank line arrives, so nothing is held
+    back longer than it takes to see the event end. Comment lines (`: keep-alive`,
+    `: OPENROUTER PROCESSING`) are dropped, and an event left with no data line is skipped.
     """
-    buffer = b""
+    buffer = bytearray()
+    scanned = 0  # the buffer before this holds no event end: each byte is searched once
+    pending_cr = False
     for piece in pieces:
         if not piece:
             continue
-        buffer += piece.replace(b"\r\n", b"\n")
+        if pending_cr:
+            piece = b"\r" + piece
+        pending_cr = piece.endswith(b"\r")
+        if pending_cr:  # a \r\n may be split across pieces
+            piece = piece[:-1]
+        buffer += piece.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         while True:
-            end = buffer.find(b"\n\n")
+            end = buffer.find(b"\n\n", max(scanned - 1, 0))
             if end < 0:
+                scanned = len(buffer)
                 break
-            event, buffer = buffer[:end], buffer[end + 2:]
-            if event.strip():
+            event = _clean_event(bytes(buffer[:end]))
+            del buffer[:end + 2]
+            scanned = 0
+            if event:
                 yield event
-    if buffer.strip():
-        yield buffer
+    if pending_cr:
+        buffer += b"\n"
+    event = _clean_event(bytes(buffer))
+    if event:
+        yield event
+
+
+def _clean_event(event):
+    """The event without its comment lines; None when no data line is left."""
+    if b"\n:" in event or event.startswith(b":"):
+        event = b"\n".join(line for line in event.split(b"\n") if not line.startswith(b":"))
+    if not any(line.startswith(b"data:") or line == b"data" for line in event.split(b"\n")):
+        return None
+    return event.strip(b"\n")
 
 
 def sse_events(response, chunk_size=None) -> Iterator[bytes]:
-    """Whole SSE events from an upstream `requests` response, as they arrive."""
+    """Whole SSE events from an upstream `requests` response, as they arrive (no limits:
+    adaptors use Adaptor.sse_events)."""
     return split_sse(response.iter_content(chunk_size=chunk_size))
 
 
@@ -244,8 +372,10 @@ def sse_data(event: bytes):
     for line in event.split(b"\n"):
         if line.startswith(b"data:"):
             data.append(line[5:].lstrip(b" ").decode("utf-8", "replace"))
+        elif line == b"data":  # a field name alone is the field with an empty value
+            data.append("")
         elif line.startswith(b"event:"):
-            name = line[6:].strip().decode()
+            name = line[6:].strip().decode("utf-8", "replace")
     return name, "\n".join(data)
 
 

@@ -6,7 +6,7 @@ Messages calls reach Gemini through chat (base.Adaptor.send_messages).
 import json
 
 from blueprints.api.providers.anthropic import first_then_rest, parse_event, post_json, read_json
-from blueprints.api.providers.base import Adaptor, Reply, UpstreamFailure, sse_data, sse_events
+from blueprints.api.providers.base import Adaptor, Reply, UpstreamFailure, sse_data
 from blueprints.api.providers.gemini_convert import (
     PromptBlocked, embedding_inputs, gemini_stream_to_openai, gemini_to_openai_embeddings,
     gemini_to_openai_response, openai_to_gemini_embeddings, openai_to_gemini_request,
@@ -57,7 +57,7 @@ class GeminiAdaptor(Adaptor):
 
     def send_chat(self, call):
         """OpenAI chat completion via generateContent / streamGenerateContent."""
-        body = openai_to_gemini_request(call.body)
+        body = openai_to_gemini_request(call.body, call.output_cap)
         if not call.stream:
             payload = read_json(self._post("generateContent", body))
             completion = gemini_to_openai_response(payload, call.model)
@@ -66,7 +66,7 @@ class GeminiAdaptor(Adaptor):
             reply.output_text.extend(response_texts(payload))
             return reply
         response = self._post("streamGenerateContent", body, stream=True)
-        first, events = first_then_rest(sse_events(response))
+        first, events = first_then_rest(self.sse_events(response))
         try:
             _check_first_event(first)
         except UpstreamFailure:

@@ -7,6 +7,7 @@ the REST API's camelCase names.
 """
 import base64
 import json
+import math
 import mimetypes
 import struct
 import time
@@ -14,9 +15,9 @@ import uuid
 
 from blueprints.api.errors import ApiError
 from blueprints.api.providers.anthropic_convert import (
-    ChunkWriter, loads_object, openai_usage_body, parse_data_url, text_of,
+    ChunkWriter, loads_object, openai_usage_of, parse_data_url, text_of,
 )
-from blueprints.api.providers.base import StreamBroken, UpstreamFailure
+from blueprints.api.providers.base import StreamBroken, UpstreamFailure, Usage, as_count
 
 # Gemini 3 rejects function-call history that lacks a thought signature; this is the value its
 # documentation gives for calls the model did not produce in this conversation (another client).
@@ -116,9 +117,10 @@ def _tool_config(choice):
     raise _bad_request(f"Unsupported tool_choice {choice!r}.", "tool_choice")
 
 
-def _generation_config(body):
+def _generation_config(body, output_cap=None):
     config = {}
-    max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
+    max_tokens = output_cap if output_cap is not None else (
+        body.get("max_completion_tokens") or body.get("max_tokens"))
     if max_tokens:
         config["maxOutputTokens"] = max_tokens
     for ours, theirs in (("temperature", "temperature"), ("top_p", "topP"), ("n", "candidateCount"),
@@ -140,8 +142,12 @@ def _generation_config(body):
     return config
 
 
-def openai_to_gemini_request(body):
-    """An OpenAI chat completion request as a Gemini generateContent request body."""
+def openai_to_gemini_request(body, output_cap=None):
+    """An OpenAI chat completion request as a Gemini generateContent request body.
+
+    `output_cap` (what the relay reserved for, per candidate) becomes maxOutputTokens whatever
+    the client asked; `n` becomes candidateCount unchanged (the relay multiplies the hold).
+    """
     system, contents = [], []
     tool_names = {}  # tool_call_id -> function name; functionResponse needs the name
     for message in body.get("messages") or []:
@@ -173,7 +179,7 @@ def openai_to_gemini_request(body):
     out = {"contents": contents}
     if system:
         out["systemInstruction"] = {"parts": system}
-    config = _generation_config(body)
+    config = _generation_config(body, output_cap)
     if config:
         out["generationConfig"] = config
     tools = [t for t in body.get("tools") or [] if t.get("type", "function") == "function"]
@@ -197,18 +203,36 @@ def openai_to_gemini_request(body):
 # --- Gemini response -> OpenAI chat completion --------------------------------------------
 
 def gemini_usage_numbers(metadata):
-    """(prompt, completion, cached) from usageMetadata; thinking tokens are billed as output."""
-    metadata = metadata or {}
-    completion = (metadata.get("candidatesTokenCount") or 0) + \
-        (metadata.get("thoughtsTokenCount") or 0)
-    return (metadata.get("promptTokenCount") or 0, completion,
-            metadata.get("cachedContentTokenCount") or 0)
+    """(prompt, completion, cached) from usageMetadata.
+
+    Tool-use prompt tokens (e.g. search results fed back) are billed as input and thought
+    tokens as output, as Google bills them; promptTokenCount already includes the cached
+    content. A count that is not a whole number makes its result NaN (base.Usage: garbled).
+    """
+    metadata = metadata if isinstance(metadata, dict) else {}
+    prompt, tool_prompt, candidates, thoughts, cached = (
+        as_count(0 if metadata.get(name) is None else metadata[name]) for name in (
+            "promptTokenCount", "toolUsePromptTokenCount", "candidatesTokenCount",
+            "thoughtsTokenCount", "cachedContentTokenCount"))
+    return (math.nan if None in (prompt, tool_prompt) else prompt + tool_prompt,
+            math.nan if None in (candidates, thoughts) else candidates + thoughts,
+            math.nan if cached is None else cached)
 
 
-def record_gemini_usage(usage, metadata):
-    """Copy usageMetadata into a base.Usage (nothing when it is absent)."""
-    if metadata:
-        usage.add_reported(*gemini_usage_numbers(metadata))
+def record_gemini_usage(usage, metadata, final=True):
+    """Copy usageMetadata into a base.Usage (nothing when it is absent).
+
+    `final=False` for a stream's running counts before its finishReason: stored, but a stream
+    cut short is counted from the text it delivered."""
+    if isinstance(metadata, dict) and metadata:
+        usage.add_reported(*gemini_usage_numbers(metadata), final=final)
+
+
+def gemini_usage(metadata):
+    """A base.Usage from one usageMetadata object."""
+    usage = Usage()
+    record_gemini_usage(usage, metadata)
+    return usage
 
 
 def _tool_call(part, index=None):
@@ -255,7 +279,7 @@ def gemini_to_openai_response(response, model):
     return {"id": "chatcmpl-" + (response.get("responseId") or uuid.uuid4().hex[:24]),
             "object": "chat.completion", "created": int(time.time()), "model": model,
             "choices": choices,
-            "usage": openai_usage_body(*gemini_usage_numbers(response.get("usageMetadata")))}
+            "usage": openai_usage_of(gemini_usage(response.get("usageMetadata")))}
 
 
 def response_texts(response):
@@ -287,7 +311,6 @@ def gemini_stream_to_openai(responses, model, wants_usage, usage, output_text):
         reason = (response.get("promptFeedback") or {}).get("blockReason")
         if reason and not response.get("candidates"):
             raise StreamBroken(f"Gemini blocked the prompt: {reason}")
-        record_gemini_usage(usage, response.get("usageMetadata"))
         for position, candidate in enumerate(response.get("candidates") or []):
             index = candidate.get("index", position)
             for part in (candidate.get("content") or {}).get("parts") or []:
@@ -303,13 +326,15 @@ def gemini_stream_to_openai(responses, model, wants_usage, usage, output_text):
                     yield writer.delta({field: part["text"]}, index=index)
             if candidate.get("finishReason"):
                 finish[index] = candidate["finishReason"]
+        # usageMetadata counts are running totals: final once a candidate has finished
+        record_gemini_usage(usage, response.get("usageMetadata"), final=bool(finish))
     if not finish:
         raise StreamBroken("The Gemini stream ended without a finishReason.")
     for index, reason in sorted(finish.items()):
         yield writer.delta({}, finish_reason=_finish_reason(reason, tool_count.get(index)),
                            index=index)
     if wants_usage:
-        yield writer.usage(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens)
+        yield writer.usage(usage)
     yield b"data: [DONE]\n\n"
 
 

@@ -25,7 +25,10 @@ class MockAdaptor(Adaptor):
         return usage
 
     def _answer(self, call):
-        cap = call.body.get("max_tokens") or call.body.get("max_completion_tokens")
+        """The canned answer's words, cut to the output cap (the reserved one when set)."""
+        cap = call.output_cap
+        if cap is None:
+            cap = call.body.get("max_completion_tokens") or call.body.get("max_tokens")
         words = ANSWER.split(" ")
         if isinstance(cap, int) and cap > 0:
             words = words[:cap]

@@ -5,25 +5,67 @@ Requests go out nearly as received (only the model name and, for streams,
 except the usage chunk the gateway asked for and the client did not.
 """
 import json
+from urllib.parse import urlparse
 
 import requests
 
 from blueprints.api.providers.base import (
-    Adaptor, Reply, StreamBroken, UpstreamFailure, Usage, broken_stream, sse_data, sse_events,
+    Adaptor, Reply, StreamBroken, UpstreamFailure, Usage, broken_stream, sse_data,
 )
 
 AUDIO_CHUNK = 16 * 1024
+CHAT_CAP_FIELDS = ("max_completion_tokens", "max_tokens")
+# The one output-token limit each endpoint's upstream honours (chat: see chat_cap_field).
+CAP_FIELD = {"completions": "max_tokens", "responses": "max_output_tokens"}
 
 
 def read_openai_usage(usage, into):
-    """Copy an OpenAI usage object (chat/completions or Responses API naming) into `into`."""
+    """Copy an OpenAI usage object (chat/completions or Responses API naming) into `into`.
+
+    Transcriptions report `{"type": "duration", "seconds": N}` (whisper) or
+    `{"type": "tokens", "input_tokens", "output_tokens"}` (gpt-4o-transcribe).
+    """
     if not isinstance(usage, dict):
         return
-    details = usage.get("prompt_tokens_details") or usage.get("input_tokens_details") or {}
+    if usage.get("type") == "duration":
+        into.add_reported(prompt=0, completion=0, seconds=usage.get("seconds"))
+        return
+    details = usage.get("prompt_tokens_details") or usage.get("input_tokens_details")
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
     into.add_reported(
         prompt=usage.get("prompt_tokens", usage.get("input_tokens", 0)),
         completion=usage.get("completion_tokens", usage.get("output_tokens", 0)),
-        cached=(details or {}).get("cached_tokens") or 0)
+        cached=cached or 0)
+
+
+def chat_cap_field(body, official_openai):
+    """The field that carries a chat request's output cap: the one the client used; when it
+    used both or neither, max_completion_tokens on api.openai.com (whose newer models refuse
+    max_tokens) and max_tokens elsewhere (compatible APIs may ignore the newer name)."""
+    used = [name for name in CHAT_CAP_FIELDS if body.get(name) is not None]
+    if len(used) == 1:
+        return used[0]
+    return "max_completion_tokens" if official_openai else "max_tokens"
+
+
+def capped_body(body, endpoint, cap, official_openai=False):
+    """`body` with `cap` as its only output-token limit, in the field the upstream honours.
+
+    `cap` is what the relay reserved credits for (None: leave the body as it is). `n` and
+    `best_of` pass through: the relay multiplies the hold by them.
+    """
+    if cap is None or not isinstance(body, dict):
+        return body
+    if endpoint == "chat":
+        field = chat_cap_field(body, official_openai)
+        out = {k: v for k, v in body.items() if k not in CHAT_CAP_FIELDS}
+    elif endpoint in CAP_FIELD:
+        field = CAP_FIELD[endpoint]
+        out = dict(body)
+    else:
+        return body
+    out[field] = cap
+    return out
 
 
 def upstream_error(response):
@@ -69,13 +111,19 @@ class OpenAIAdaptor(Adaptor):
             raise upstream_error(response)
         return response
 
+    @property
+    def official_openai(self):
+        """True for api.openai.com itself (not a compatible API)."""
+        return (urlparse(self.target.base_url).hostname or "").lower() == "api.openai.com"
+
     def _json_body(self, call, **changes):
-        """The request bytes: untouched unless a field must change."""
-        if call.body.get("model") != self.target.upstream_model:
+        """The request bytes: untouched unless a field must change (model name, output cap)."""
+        body = capped_body(call.body, call.endpoint, call.output_cap, self.official_openai)
+        if body.get("model") != self.target.upstream_model:
             changes["model"] = self.target.upstream_model
-        if not changes:
+        if body is call.body and not changes:
             return call.raw_body
-        return json.dumps(call.json_with(**changes)).encode()
+        return json.dumps(dict(body, **changes)).encode()
 
     def _whole(self, response, read_usage, collect_text=None):
         """A non-stream Reply: the upstream body as is, with usage read from it."""
@@ -89,8 +137,10 @@ class OpenAIAdaptor(Adaptor):
         except ValueError:
             raise UpstreamFailure("bad_response", "upstream sent a body that is not JSON") \
                 from None
-        read_usage(payload.get("usage") if isinstance(payload, dict) else None, usage)
-        if collect_text and isinstance(payload, dict):
+        if not isinstance(payload, dict):
+            raise UpstreamFailure("bad_response", "upstream sent an unexpected JSON body")
+        read_usage(payload.get("usage"), usage)
+        if collect_text:
             reply.output_text.extend(collect_text(payload))
         return reply
 
@@ -107,7 +157,8 @@ class OpenAIAdaptor(Adaptor):
         if not call.stream:
             response = self.post(path, data=self._json_body(call))
             return self._whole(response, read_openai_usage, whole_texts)
-        options = dict(call.body.get("stream_options") or {})
+        options = call.body.get("stream_options")
+        options = dict(options) if isinstance(options, dict) else {}
         options["include_usage"] = True  # we always meter; hidden again if the client did not ask
         response = self.post(path, data=self._json_body(call, stream_options=options),
                              stream=True)
@@ -119,7 +170,7 @@ class OpenAIAdaptor(Adaptor):
         """Forward each SSE event as it arrives; read usage; hide the usage-only chunk."""
         done = False
         try:
-            for event in sse_events(response):
+            for event in self.sse_events(response):
                 _, data = sse_data(event)
                 if data == "[DONE]":
                     done = True
@@ -162,22 +213,27 @@ class OpenAIAdaptor(Adaptor):
         """Responses API events pass through; usage comes in response.completed."""
         finished = False
         try:
-            for event in sse_events(response):
+            for event in self.sse_events(response):
                 name, data = sse_data(event)
                 if data and data != "[DONE]":
                     try:
                         payload = json.loads(data)
                     except ValueError:
                         raise StreamBroken("upstream sent a malformed event") from None
+                    if not isinstance(payload, dict):
+                        raise StreamBroken("upstream sent a malformed event")
                     kind = name or payload.get("type")
-                    if kind == "response.output_text.delta":
-                        reply.output_text.append(payload.get("delta") or "")
+                    if kind in RESPONSES_TEXT_DELTAS:
+                        delta = payload.get("delta")
+                        reply.output_text.append(delta if isinstance(delta, str) else "")
                     elif kind in ("response.completed", "response.incomplete", "response.failed"):
                         finished = True
-                        read_openai_usage((payload.get("response") or {}).get("usage"),
-                                          reply.usage)
+                        final = payload.get("response")
+                        read_openai_usage(final.get("usage") if isinstance(final, dict)
+                                          else None, reply.usage)
                     elif kind == "error":
-                        raise StreamBroken(payload.get("message") or "upstream stream error")
+                        raise StreamBroken(str(payload.get("message")
+                                               or "upstream stream error"))
                 yield event + b"\n\n"
         except (requests.RequestException, OSError) as err:
             raise broken_stream(err) from None
@@ -190,7 +246,12 @@ class OpenAIAdaptor(Adaptor):
 
     def send_images(self, call):
         response = self.post("images/generations", data=self._json_body(call))
-        return self._whole(response, read_openai_usage)
+        reply = self._whole(response, read_openai_usage)
+        data = json.loads(reply.body).get("data")
+        # Every model's images are counted from `data` (gpt-image also reports tokens); the
+        # count does not mark usage reported by itself: that stays the token usage's say.
+        reply.usage.add_reported(images=len(data) if isinstance(data, list) else 0, final=False)
+        return reply
 
     def send_audio_speech(self, call):
         """Binary audio, streamed through as it is synthesised."""
@@ -200,7 +261,7 @@ class OpenAIAdaptor(Adaptor):
 
         def audio():
             try:
-                yield from response.iter_content(AUDIO_CHUNK)
+                yield from self.stream_pieces(response, AUDIO_CHUNK)
             except (requests.RequestException, OSError) as err:
                 raise broken_stream(err) from None
         reply._chunks = audio()
@@ -224,7 +285,8 @@ class OpenAIAdaptor(Adaptor):
             try:
                 payload = json.loads(response.content)
                 read_openai_usage(payload.get("usage"), reply.usage)
-                reply.output_text.append(payload.get("text") or "")
+                text = payload.get("text")
+                reply.output_text.append(text if isinstance(text, str) else "")
             except (ValueError, AttributeError):
                 raise UpstreamFailure("bad_response", "upstream sent a body that is not JSON") \
                     from None
@@ -234,29 +296,49 @@ class OpenAIAdaptor(Adaptor):
 
 
 # -- text extraction, for counting tokens locally when usage is missing ---------------
+# Every piece of generated text counts: content, reasoning, refusals and tool arguments, so
+# a stream cut short is billed for what it delivered. Shapes are checked: garbage yields "".
+
+RESPONSES_TEXT_DELTAS = ("response.output_text.delta", "response.refusal.delta",
+                         "response.function_call_arguments.delta",
+                         "response.reasoning_text.delta", "response.reasoning_summary_text.delta",
+                         "response.custom_tool_call_input.delta")
+MESSAGE_TEXT_FIELDS = ("content", "reasoning_content", "reasoning", "refusal")
+
+
+def _dicts(value):
+    return [item for item in value if isinstance(item, dict)] if isinstance(value, list) else []
+
+
+def _message_texts(message):
+    """Text of a chat message or delta: content, reasoning, refusal, tool-call arguments."""
+    if not isinstance(message, dict):
+        return
+    for name in MESSAGE_TEXT_FIELDS:
+        if isinstance(message.get(name), str) and message[name]:
+            yield message[name]
+    for call in _dicts(message.get("tool_calls")):
+        function = call.get("function")
+        if isinstance(function, dict):
+            for name in ("name", "arguments"):
+                if isinstance(function.get(name), str) and function[name]:
+                    yield function[name]
+
 
 def chat_texts(payload):
-    for choice in payload.get("choices") or []:
-        message = choice.get("message") or {}
-        yield message.get("content") or ""
-        for call in message.get("tool_calls") or []:
-            yield (call.get("function") or {}).get("arguments") or ""
+    for choice in _dicts(payload.get("choices")):
+        yield from _message_texts(choice.get("message"))
 
 
 def chat_delta_texts(chunk):
-    for choice in chunk.get("choices") or []:
-        delta = choice.get("delta") or {}
-        if delta.get("content"):
-            yield delta["content"]
-        for call in delta.get("tool_calls") or []:
-            arguments = (call.get("function") or {}).get("arguments")
-            if arguments:
-                yield arguments
+    for choice in _dicts(chunk.get("choices")):
+        yield from _message_texts(choice.get("delta"))
 
 
 def completion_texts(payload):
-    for choice in payload.get("choices") or []:
-        yield choice.get("text") or ""
+    for choice in _dicts(payload.get("choices")):
+        if isinstance(choice.get("text"), str):
+            yield choice["text"]
 
 
 def completion_delta_texts(chunk):
@@ -264,7 +346,12 @@ def completion_delta_texts(chunk):
 
 
 def responses_texts(payload):
-    for item in payload.get("output") or []:
-        for part in item.get("content") or []:
-            if part.get("type") == "output_text":
-                yield part.get("text") or ""
+    for item in _dicts(payload.get("output")):
+        for name in ("arguments", "input"):  # function and custom tool calls
+            if isinstance(item.get(name), str):
+                yield item[name]
+        for part in _dicts(item.get("content")) + _dicts(item.get("summary")):
+            if isinstance(part.get("text"), str):
+                yield part["text"]
+            elif isinstance(part.get("refusal"), str):
+                yield part["refusal"]
