@@ -7,6 +7,8 @@ from sqlalchemy import event, make_url, text
 from sqlalchemy.engine import Engine
 from werkzeug.middleware.proxy_fix import ProxyFix
 
+import metrics
+import redis_store
 from config import load_config
 from encryption import secret_box
 from extensions import csrf, db, limiter, login_manager
@@ -62,13 +64,27 @@ def create_app(test_config=None):
 
     @app.get("/healthz")
     def healthz():
-        """200 once the database answers."""
+        """200 once the database answers ("degraded" while a configured Redis does not)."""
         try:
             db.session.execute(text("SELECT 1"))
         except Exception:  # noqa: BLE001 - any failure means unhealthy
             db.session.rollback()
             return jsonify(status="error", detail="database unreachable"), 503
+        if redis_store.health() == "degraded":
+            return jsonify(status="degraded", detail="redis unreachable: limits fail open")
         return jsonify(status="ok")
+
+    @app.get("/metrics")
+    def prometheus_metrics():
+        """Prometheus text for every worker of this node (loopback, or the Bearer token)."""
+        allowed, status = metrics.may_scrape(
+            request.remote_addr, request.headers.get("X-Forwarded-For"),
+            request.headers.get("Authorization"), app.config["METRICS_TOKEN"])
+        if not allowed:
+            return ("Not Found\n" if status == 404 else "Unauthorized\n"), status, \
+                {"Content-Type": "text/plain"}
+        body, content_type = metrics.exposition()
+        return body, 200, {"Content-Type": content_type}
 
     return app
 

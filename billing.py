@@ -15,7 +15,7 @@ from fractions import Fraction
 from flask import current_app
 from sqlalchemy import bindparam, delete, func, insert, or_, select, update
 
-from blueprints.api.cache import TTLCache
+from cache import TTLCache
 from extensions import db
 from models import MICRO, ApiKey, LedgerEntry, ModelPrice, RedemptionCode, RequestLog, \
     Reservation, User, utcnow

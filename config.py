@@ -23,6 +23,14 @@ def _secret_key(instance_path):
         return key
 
 
+def _engine_options(database_url):
+    """A dead PostgreSQL must fail a request in seconds (503), not hang it."""
+    options = {"pool_pre_ping": True}
+    if database_url.startswith("postgresql"):
+        options.update(pool_timeout=5, connect_args={"connect_timeout": 3})
+    return options
+
+
 def load_config(instance_path, env=None):
     """Return the app settings: defaults, overridden by TOKENOPEN_* variables."""
     env = os.environ if env is None else env
@@ -41,7 +49,7 @@ def load_config(instance_path, env=None):
         # Flask-Limiter storage: exact in memory with one worker, shared in Redis.
         "RATELIMIT_STORAGE_URI": redis_url or "memory://",
         "RATELIMIT_HEADERS_ENABLED": False,
-        # Fixed windows count every token even past a TPM limit (see blueprints/api/limits.py).
+        # Fixed windows count every token even past a TPM limit (see rate_limits.py).
         "RATELIMIT_STRATEGY": "fixed-window",
         "ADMIN_EMAIL": env.get("TOKENOPEN_ADMIN_EMAIL") or None,
         "ADMIN_PASSWORD": env.get("TOKENOPEN_ADMIN_PASSWORD") or None,
@@ -69,6 +77,14 @@ def load_config(instance_path, env=None):
         "SWEEP_INTERVAL": _int(env, "TOKENOPEN_SWEEP_INTERVAL", 20),
         # SIGTERM lets streams finish for this long, then interrupts them, billed and logged.
         "DRAIN_SECONDS": _int(env, "TOKENOPEN_DRAIN_SECONDS", 60),
+        # Requests in flight hold a slot on a lease the relay renews; a dead worker's lapse.
+        "LIMIT_LEASE_SECONDS": _int(env, "TOKENOPEN_LIMIT_LEASE_SECONDS", 30),
+        "METRICS_TOKEN": env.get("TOKENOPEN_METRICS_TOKEN") or None,
+        "LOG_RETENTION_DAYS": _int(env, "TOKENOPEN_LOG_RETENTION_DAYS", 0),
+        # A dead Redis must not take the console's login limiting down with it.
+        "RATELIMIT_SWALLOW_ERRORS": True,
+        "RATELIMIT_IN_MEMORY_FALLBACK_ENABLED": True,
+        "RATELIMIT_STORAGE_OPTIONS": {"socket_timeout": 0.5, "socket_connect_timeout": 0.5},
         "LOGIN_LIMIT": env.get("TOKENOPEN_LOGIN_LIMIT", "10 per minute"),
         # Every POST /register counts, per client IP: account floods and e-mail probing.
         "REGISTER_LIMIT": env.get("TOKENOPEN_REGISTER_LIMIT", "10 per hour"),
@@ -77,5 +93,5 @@ def load_config(instance_path, env=None):
         "SESSION_COOKIE_SAMESITE": "Lax",
         # The remember cookie takes the session cookie's flags (extensions.LoginManager).
         "REMEMBER_COOKIE_DURATION": timedelta(days=30),
-        "SQLALCHEMY_ENGINE_OPTIONS": {"pool_pre_ping": True},
+        "SQLALCHEMY_ENGINE_OPTIONS": _engine_options(database_url),
     }

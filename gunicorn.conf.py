@@ -1,6 +1,8 @@
 """gunicorn settings for `make run`: gevent workers, one unless Redis shares the limits."""
 import multiprocessing
 import os
+import shutil
+import tempfile
 
 bind = f"{os.environ.get('HOST', '127.0.0.1')}:{os.environ.get('PORT', '8000')}"
 worker_class = "gevent"
@@ -27,3 +29,35 @@ def post_worker_init(worker):
     from blueprints.api.tokens import warm
     warm()  # load the tokenizer now: loading it mid-request stalls every stream
     start_keeper(worker.wsgi, delivered_so_far, worker)
+    from retention import start_pruner
+    start_pruner(worker.wsgi)
+
+
+def _prometheus_dir():
+    """Where the workers' metric files go: one fresh directory per master (never shared by two
+    masters: each would count the other's workers), emptied at start. Set before any worker
+    imports prometheus_client, which reads it at import."""
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if path:
+        shutil.rmtree(path, ignore_errors=True)  # stale files of a previous run would add up
+        os.makedirs(path, exist_ok=True)
+    else:
+        path = tempfile.mkdtemp(prefix="tokenopen-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+        _created_dirs.append(path)
+    return path
+
+
+_created_dirs = []
+prometheus_dir = _prometheus_dir()
+
+
+def child_exit(server, worker):
+    """A worker's live gauges (requests in flight) stop counting when it dies."""
+    from prometheus_client import multiprocess
+    multiprocess.mark_process_dead(worker.pid, prometheus_dir)
+
+
+def on_exit(server):
+    for path in _created_dirs:
+        shutil.rmtree(path, ignore_errors=True)

@@ -43,6 +43,7 @@ class Group(db.Model):
     models: Mapped[str] = mapped_column(Text, default=ALL_MODELS)  # "*" or "a,b"
     rpm: Mapped[int] = mapped_column(default=60)  # per user, 0 = unlimited
     tpm: Mapped[int] = mapped_column(default=0)  # per user, 0 = unlimited
+    concurrency: Mapped[int] = mapped_column(default=0)  # requests in flight per user, 0 = unlimited
     # Price multiplier in parts per million (1.0 = 1_000_000) so cost math stays integral.
     multiplier_ppm: Mapped[int] = mapped_column(BigInteger, default=MICRO)
 
@@ -131,6 +132,7 @@ class ApiKey(db.Model):
     reserved_micro: Mapped[int] = mapped_column(BigInteger, default=0)
     rpm: Mapped[int] = mapped_column(default=0)  # 0 = unlimited
     tpm: Mapped[int] = mapped_column(default=0)
+    concurrency: Mapped[int] = mapped_column(default=0)  # requests in flight, 0 = unlimited
 
     user: Mapped[User] = relationship(lazy="joined")
 

@@ -3,6 +3,6 @@
 
 def register(app):
     """Attach every command group to `app.cli`."""
-    from cli import accounts, billing, channels, seed, setup
-    for module in (setup, accounts, channels, billing, seed):
+    from cli import accounts, billing, channels, logs, seed, setup
+    for module in (setup, accounts, channels, billing, seed, logs):
         module.register(app)

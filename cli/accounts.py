@@ -56,6 +56,8 @@ def key_summary(key):
         "credit_limit": None if limit is None else format_credits(limit),
         "spent": format_credits(key.spent_micro),
         "rpm": key.rpm,
+        "tpm": key.tpm,
+        "concurrency": key.concurrency,
     }
 
 
@@ -67,6 +69,7 @@ def group_summary(group):
         "models": group.models,
         "rpm": group.rpm,
         "tpm": group.tpm,
+        "concurrency": group.concurrency,
         "multiplier": format_credits(group.multiplier_ppm),
         "multiplier_ppm": group.multiplier_ppm,
         "members": members,
@@ -212,7 +215,11 @@ def register(app):
     @click.option("--ips", help="Comma-separated IPs or CIDR ranges allowed to use the key.")
     @click.option("--rpm", type=click.IntRange(0, MAX_RPM), default=0, show_default=True,
                   help="Requests per minute for this key (0 = only the group limit).")
-    def keys_create(email, name, models, credit_limit, expires_days, ips, rpm):
+    @click.option("--tpm", type=click.IntRange(min=0), default=0, show_default=True,
+                  help="Tokens per minute for this key (0 = only the group limit).")
+    @click.option("--concurrency", type=click.IntRange(min=0), default=0, show_default=True,
+                  help="Requests in flight at once for this key (0 = only the group limit).")
+    def keys_create(email, name, models, credit_limit, expires_days, ips, rpm, tpm, concurrency):
         """Create a key and print it (only the sk- key, shown this once)."""
         user = user_or_fail(email)
         name = name.strip()
@@ -226,11 +233,34 @@ def register(app):
             "credit_limit_micro": None if credit_limit is None else credits_or_fail(credit_limit),
             "expires_at": utcnow() + timedelta(days=expires_days) if expires_days else None,
             "rpm": rpm,
+            "tpm": tpm,
+            "concurrency": concurrency,
         }
         key, full_key = ApiKey.generate(user, name, **fields)
         db.session.add(key)
         db.session.commit()
         click.echo(full_key)
+
+    @keys.command("set")
+    @click.argument("email")
+    @click.argument("name")
+    @click.option("--models", help="Comma-separated models ('' = whatever the group allows).")
+    @click.option("--rpm", type=click.IntRange(min=0), help="Requests per minute (0 = none).")
+    @click.option("--tpm", type=click.IntRange(min=0), help="Tokens per minute (0 = none).")
+    @click.option("--concurrency", type=click.IntRange(min=0),
+                  help="Requests in flight at once (0 = none).")
+    def keys_set(email, name, models, rpm, tpm, concurrency):
+        """Change only the given options of a key."""
+        key = key_or_fail(user_or_fail(email), name)
+        if models is not None:
+            key.models = ",".join(split_list(models)) or None
+        for field, value in (("rpm", rpm), ("tpm", tpm), ("concurrency", concurrency)):
+            if value is not None:
+                setattr(key, field, value)
+        db.session.commit()
+        info = key_summary(key)
+        click.echo(f"updated key {name!r} of {key.user.email}: rpm={info['rpm']}"
+                   f"  tpm={info['tpm']}  concurrency={info['concurrency']}")
 
     @keys.command("list")
     @click.argument("email")
@@ -294,8 +324,10 @@ def register(app):
                   help="Requests per minute per user (0 = unlimited).")
     @click.option("--tpm", type=click.IntRange(0, MAX_TPM),
                   help="Tokens per minute per user (0 = unlimited).")
+    @click.option("--concurrency", type=click.IntRange(min=0),
+                  help="Requests in flight at once per user (0 = unlimited).")
     @click.option("--multiplier", help="Price multiplier, e.g. 1, 0.8 or 1.25.")
-    def groups_set(name, models, rpm, tpm, multiplier):
+    def groups_set(name, models, rpm, tpm, concurrency, multiplier):
         """Create a group or change the given settings of an existing one."""
         name = name.strip()
         if not name or len(name) > GROUP_NAME_MAX:
@@ -307,6 +339,8 @@ def register(app):
             changes["rpm"] = rpm
         if tpm is not None:
             changes["tpm"] = tpm
+        if concurrency is not None:
+            changes["concurrency"] = concurrency
         if multiplier is not None:
             try:
                 changes["multiplier_ppm"] = parse_ratio_ppm(multiplier)
@@ -315,14 +349,16 @@ def register(app):
         group = db.session.scalar(db.select(Group).filter_by(name=name))
         created = group is None
         if created:
-            group = Group(name=name, models=ALL_MODELS, rpm=60, tpm=0, multiplier_ppm=1_000_000)
+            group = Group(name=name, models=ALL_MODELS, rpm=60, tpm=0, concurrency=0,
+                          multiplier_ppm=1_000_000)
             db.session.add(group)
         for field, value in changes.items():
             setattr(group, field, value)
         db.session.commit()
         info = group_summary(group)
         click.echo(f"{'created' if created else 'updated'} group {name}: models={info['models']}"
-                   f"  rpm={info['rpm']}  tpm={info['tpm']}  multiplier={info['multiplier']}")
+                   f"  rpm={info['rpm']}  tpm={info['tpm']}  concurrency={info['concurrency']}"
+                   f"  multiplier={info['multiplier']}")
 
     @groups.command("delete")
     @click.argument("name")

@@ -152,6 +152,8 @@ def register(app):
         channel.fail_count = 0
         channel.cooldown_until = None
         db.session.commit()
+        from blueprints.api.routing import failures_in_a_row
+        failures_in_a_row(channel.id, reset=True)  # the count all workers share, too
         click.echo(f"enabled channel {channel.name}")
 
     @channels.command("disable")

@@ -385,9 +385,9 @@ def test_groups_list(app, runner, factory):
     factory.user("ann@example.com", group="vip")
     listed = json.loads(ok(runner, ["groups", "list", "--json"]).stdout)
     assert listed == [
-        {"name": "default", "models": "*", "rpm": 60, "tpm": 0, "multiplier": "1",
+        {"name": "default", "models": "*", "rpm": 60, "tpm": 0, "concurrency": 0, "multiplier": "1",
          "multiplier_ppm": 1_000_000, "members": 0},
-        {"name": "vip", "models": "a,b", "rpm": 60, "tpm": 0, "multiplier": "0.5",
+        {"name": "vip", "models": "a,b", "rpm": 60, "tpm": 0, "concurrency": 0, "multiplier": "0.5",
          "multiplier_ppm": 500_000, "members": 1},
     ]
     text = ok(runner, ["groups", "list"]).stdout
@@ -486,3 +486,20 @@ def test_bootstrap_honours_admin_environment(fresh_db_url):
     assert users["owner@example.com"].is_admin
     assert users["owner@example.com"].check_password("chosen-password-1")
     assert flask_cli(fresh_db_url, "bootstrap", **env).strip() == ""
+
+
+def test_concurrency_on_groups_and_keys(app, runner):
+    from extensions import db
+    from models import ApiKey, Group
+    assert runner.invoke(args=["groups", "set", "team", "--concurrency", "4"]).exit_code == 0
+    assert runner.invoke(args=["users", "create", "c@example.com", "--password", "password123",
+                               "--group", "team"]).exit_code == 0
+    created = runner.invoke(args=["keys", "create", "c@example.com", "--name", "k",
+                                  "--tpm", "1000", "--concurrency", "2"])
+    assert created.exit_code == 0 and created.output.startswith("sk-")
+    changed = runner.invoke(args=["keys", "set", "c@example.com", "k", "--concurrency", "3"])
+    assert changed.exit_code == 0 and "concurrency=3" in changed.output
+    with app.app_context():
+        key = db.session.scalar(db.select(ApiKey))
+        assert (key.tpm, key.concurrency, key.rpm) == (1000, 3, 0)  # only what was given changed
+        assert db.session.scalar(db.select(Group).filter_by(name="team")).concurrency == 4

@@ -364,21 +364,28 @@ def test_rate_limits_per_user_and_per_key(gateway):
 
 
 def test_group_tokens_per_minute(gateway):
+    """TPM admits the prompt estimate plus the output cap and never overshoots the minute."""
     from extensions import db
     from models import Group
 
     def make_group():
-        db.session.add(Group(name="tpm", models="*", rpm=0, tpm=20))
+        db.session.add(Group(name="tpm", models="*", rpm=0, tpm=40))
         db.session.commit()
     gateway.run(make_group)
     gateway.user("tpm@example.com", credits=10, group="tpm")
     gateway.channel()
     gateway.price("gpt-4o-mini")
     client = client_for(gateway, gateway.key("tpm@example.com"))
-    chat(client)  # 6 + 9 = 15 tokens: 5 left in this minute's budget
-    chat(client)  # still budget left when it starts; it overshoots to 30
     with pytest.raises(openai.RateLimitError) as caught:
-        chat(client)
+        chat(client)  # the default output cap (4,096) alone is more than the minute allows
+    assert "lower max_tokens" in caught.value.message
+    first = client.chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "hello there friend"}],
+        max_tokens=10)
+    assert first.headers["x-ratelimit-limit-tokens"] == "40"
+    chat(client, max_tokens=10)  # reserved ~20, corrected to the 15 it used
+    with pytest.raises(openai.RateLimitError) as caught:
+        chat(client, max_tokens=10)  # 30 used + ~20 reserved would pass 40: refused up front
     assert "tokens per minute" in caught.value.message
     assert int(caught.value.response.headers["Retry-After"]) >= 1
     assert len(upstream_requests(gateway)) == 2

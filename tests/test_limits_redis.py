@@ -46,5 +46,5 @@ def test_group_rpm_is_exact_across_workers(redis_gateway):
         except openai.RateLimitError:
             outcomes.append(429)
     assert outcomes.count(200) == 5 and outcomes.count(429) == 4
-    counters = redis.Redis.from_url(REDIS_URL).keys("*rpm-user*")
+    counters = redis.Redis.from_url(REDIS_URL).keys("tokenopen:rl:user:*:win")
     assert counters, "the counters live in Redis, shared by both workers"

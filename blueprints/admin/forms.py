@@ -121,6 +121,9 @@ class GroupForm(FlaskForm):
     tpm = IntegerField("Tokens per minute", default=0,
                        validators=[InputRequired(), NumberRange(min=0, max=MAX_TPM)],
                        description="Per user; 0 is unlimited.")
+    concurrency = IntegerField("Requests in flight", default=0,
+                               validators=[Optional(), NumberRange(min=0)],
+                               description="Per user, at once; 0 is unlimited.")
     multiplier = StringField("Price multiplier", default="1", validators=[DataRequired()],
                              description="1 is list price; 1.25 charges 25% more.")
 

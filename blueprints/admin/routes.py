@@ -297,6 +297,7 @@ def _save_group(form, group):
     group.models = form.models.data
     group.rpm = form.rpm.data
     group.tpm = form.tpm.data
+    group.concurrency = form.concurrency.data or 0
     group.multiplier_ppm = form.multiplier_ppm
 
 

@@ -18,10 +18,12 @@ from sqlalchemy.exc import SQLAlchemyError
 
 import billing
 import holds
+import metrics
+import rate_limits
 from blueprints.api import inflight
-from blueprints.api.cache import TTLCache
+from blueprints.api.client_watch import ClientGone, wait_for
+from cache import TTLCache
 from blueprints.api.errors import ApiError, stream_error_event, uses_anthropic_shape
-from blueprints.api.limits import admit, count_tokens
 from blueprints.api.providers import build_adaptor
 from blueprints.api.providers.anthropic_convert import count_tokens as count_input_tokens
 from blueprints.api.providers.anthropic_convert import messages_via_chat
@@ -75,10 +77,12 @@ class KeyInfo:
     networks: tuple
     rpm: int
     tpm: int
+    concurrency: int
     user_disabled: bool
     group_models: str
     group_rpm: int
     group_tpm: int
+    group_concurrency: int
     multiplier_ppm: int
 
     def may_use(self, model):
@@ -104,6 +108,7 @@ class Flight:
     reply: object = None
     ttft_ms: int | None = None
     client_ip: str | None = None
+    admission: object = None  # rate_limits.Admission: TPM reservation and concurrency slots
     # Streams: what the hold keeper needs to checkpoint and, on shutdown, interrupt them.
     streaming: bool = False
     greenlet: object = None
@@ -125,13 +130,13 @@ class Flight:
 def relay(endpoint):
     """Serve one /v1 request end to end."""
     flight = Flight(endpoint, g.request_id, time.monotonic(), client_ip=request.remote_addr)
+    metrics.request_started()
     try:
         flight.key = authenticate()
         flight.call = parse_call(endpoint, flight.request_id)
         authorize(flight.key, flight.call.model)
         flight.price = price_of(flight.call.model)
-        key = flight.key
-        admit(key.user_id, key.group_rpm, key.group_tpm, key.id, key.rpm, key.tpm)
+        flight.admission = admit(flight)
         flight.hold = reserve(flight)
         route, reply, first_chunk = forward(flight)
         flight.reply = reply
@@ -153,6 +158,9 @@ def count_message_tokens():
     key = authenticate()
     call = parse_call("messages_count_tokens", g.request_id)
     authorize(key, call.model)
+    # Limited like every /v1 call (RPM, concurrency), but free: it leaves no tokens counted.
+    admission = admit(Flight("messages_count_tokens", g.request_id, time.monotonic(), key, call))
+    rate_limits.release(admission, actual_tokens=0)
     return count_input_tokens(call.body)
 
 
@@ -190,8 +198,10 @@ def _load_key(key_hash):
     return KeyInfo(id=row.id, hash=key_hash, name=row.name, user_id=user.id, disabled=row.disabled,
                    expires_at=row.expires_at, models=tuple(row.model_list),
                    networks=tuple(networks), rpm=row.rpm or 0, tpm=row.tpm or 0,
+                   concurrency=row.concurrency or 0,
                    user_disabled=user.disabled, group_models=group.models,
                    group_rpm=group.rpm or 0, group_tpm=group.tpm or 0,
+                   group_concurrency=group.concurrency or 0,
                    multiplier_ppm=group.multiplier_ppm)
 
 
@@ -303,6 +313,27 @@ def price_of(model):
     return price
 
 
+def admit(flight):
+    """429 unless the key's, then the user's RPM, TPM and concurrency limits all let the
+    request in (it is then counted against all of them; a refused one against none)."""
+    key, call = flight.key, flight.call
+    tokens = 0
+    if key.tpm or key.group_tpm:  # TPM admits the prompt estimate plus the output caps
+        flight.choices = measure(call)[0]
+        tokens = estimate_prompt_tokens(call.body) + flight.output_tokens_cap
+    parties = (rate_limits.Party("key", key.id, key.rpm, key.tpm, key.concurrency, "this key"),
+               rate_limits.Party("user", key.user_id, key.group_rpm, key.group_tpm,
+                                 key.group_concurrency, "your group"))
+    try:
+        admission = rate_limits.admit(flight.request_id, parties, tokens)
+    except rate_limits.RateLimited as refused:
+        g.rate_limit_headers = refused.headers
+        raise ApiError(429, refused.code, refused.message,
+                       headers={"Retry-After": str(refused.retry_after)}) from None
+    g.rate_limit_headers = rate_limits.headers(admission)
+    return admission
+
+
 def reserve(flight):
     """Hold the most this request can cost: the prompt estimate, its output cap times its
     choices, its images and its audio seconds; 402 when the wallet or key cannot cover it."""
@@ -354,9 +385,16 @@ def forward(flight):
     for route in choose_channels(flight.call.model):
         adaptor = build_adaptor(route.target)
         reply = None
+        renew = lambda: rate_limits.renew(flight.admission)  # noqa: E731
         try:
-            reply = send_call(adaptor, flight.call)
-            first_chunk = next(reply.chunks(), b"") if reply.is_stream else None
+            reply = wait_for(lambda: send_call(adaptor, flight.call), renew)
+            first_chunk = wait_for(lambda: next(reply.chunks(), b""), renew) \
+                if reply.is_stream else None
+        except ClientGone:  # nobody to answer: stop waiting, close the upstream, log 499
+            if reply is not None:
+                reply.close()
+            raise ApiError(499, "client_closed_request",
+                           "The client closed the connection before the first byte.") from None
         except UpstreamFailure as failure:
             _scrub_failure(failure, route.target)
             if not failure.retryable and failure.status not in (401, 403):
@@ -450,6 +488,7 @@ def deliver_stream(flight, reply, first_chunk):
                 if ends_stream(chunk):  # bill before the client sees the stream complete
                     finish(flight, reply, **outcome)
                 yield chunk
+                rate_limits.renew(flight.admission)  # at most every few seconds
         except (StreamBroken, inflight.StreamInterrupted) as err:
             reason = flight.interrupted or _scrubbed(err, flight.route.target)
             timed_out = getattr(err, "timeout", False) and not flight.interrupted
@@ -498,38 +537,49 @@ def finish(flight, reply, status, http_status, error=None):
     if flight.finished:
         return
     flight.finished = True
+    usage, tally = Usage(), {"charged": 0}
     try:
         usage, estimated = metered_usage(flight, reply)
         cost = _cost(flight, usage) if reply is not None else 0
     except Exception:  # noqa: BLE001
         current_app.logger.exception("could not meter request %s", flight.request_id)
         inflight.forget(flight)
+        release_limits(flight, usage)
+        metrics.observe_request(flight, usage, 0, http_status)
         return
 
     def settle_and_log():
         charged, state = settle(flight, reply, cost, estimated)
+        tally["charged"] = charged
         write_log(flight, usage, charged, state, estimated, status, http_status, error)
         db.session.commit()
 
     try:
         settle_and_log()
-    except SQLAlchemyError:
+    except SQLAlchemyError as err:
         db.session.rollback()
-        current_app.logger.exception("settling %s failed; the hold keeper will retry",
-                                     flight.request_id)
-        inflight.defer(flight, settle_and_log)
+        if flight.hold is not None and flight.hold.held:  # money: retried until it lands
+            current_app.logger.error("settling %s failed (%s); the hold keeper will retry",
+                                     flight.request_id, type(err).__name__)
+            inflight.defer(flight, settle_and_log)
+        else:  # nothing held: only the log row of a refused request is lost
+            current_app.logger.error("could not log request %s: database unavailable (%s)",
+                                     flight.request_id, type(err).__name__)
     except Exception:  # noqa: BLE001
         db.session.rollback()
         current_app.logger.exception("could not settle/log request %s", flight.request_id)
     finally:
         inflight.forget(flight)
-    key = flight.key
-    if key is not None and (key.group_tpm or key.tpm):
-        try:
-            count_tokens(key.user_id, key.group_tpm, key.id, key.tpm,
-                         usage.prompt_tokens + usage.completion_tokens)
-        except Exception:  # noqa: BLE001 - limits are best effort once the answer is out
-            current_app.logger.exception("could not count tokens of %s", flight.request_id)
+        release_limits(flight, usage)
+        metrics.observe_request(flight, usage, tally["charged"], http_status)
+
+
+def release_limits(flight, usage):
+    """Give back the concurrency slots and correct the TPM reservation to the actual tokens."""
+    try:
+        rate_limits.release(flight.admission, usage.prompt_tokens + usage.completion_tokens)
+    except Exception:  # noqa: BLE001 - the response is out; a lapsed lease frees the slots
+        current_app.logger.exception("could not release the limits of %s", flight.request_id)
 
 
 def settle(flight, reply, cost, estimated):

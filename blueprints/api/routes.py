@@ -46,6 +46,8 @@ def expose_request_id(response):
     request_id = g.get("request_id")
     if request_id:
         response.headers["x-request-id"] = request_id
+        # OpenAI's x-ratelimit-* headers, when a limit applies to this request (rate_limits.py)
+        response.headers.update(g.get("rate_limit_headers") or {})
     return response
 
 

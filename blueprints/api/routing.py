@@ -6,7 +6,8 @@ from datetime import timedelta
 from flask import current_app
 from sqlalchemy import update
 
-from blueprints.api.cache import TTLCache
+import redis_store
+from cache import TTLCache, changed
 from blueprints.api.providers.base import Target
 from encryption import SecretUnreadable
 from extensions import db
@@ -90,27 +91,48 @@ def choose_channels(model):
 
 
 def note_failure(target, message):
-    """Count a failure; after N in a row the channel cools down (health shows it everywhere)."""
+    """Count a failure in a row; after N the channel cools down (health shows it everywhere)."""
     config = current_app.config
-    threshold = config["CHANNEL_FAILURES_BEFORE_COOLDOWN"]
+    in_a_row = failures_in_a_row(target.channel_id, add=True)
+    values = {"fail_count": in_a_row, "last_error": message[:500]}
+    if in_a_row >= config["CHANNEL_FAILURES_BEFORE_COOLDOWN"]:
+        values["cooldown_until"] = utcnow() + timedelta(seconds=config["CHANNEL_COOLDOWN_SECONDS"])
     try:
-        db.session.execute(update(Channel).where(Channel.id == target.channel_id).values(
-            fail_count=Channel.fail_count + 1, last_error=message[:500]))
-        db.session.execute(update(Channel).where(
-            Channel.id == target.channel_id, Channel.fail_count >= threshold).values(
-            cooldown_until=utcnow() + timedelta(seconds=config["CHANNEL_COOLDOWN_SECONDS"])))
+        db.session.execute(update(Channel).where(Channel.id == target.channel_id).values(**values))
+        changed(Channel)  # every worker and node reloads its routes after the commit
         db.session.commit()
     except Exception:  # noqa: BLE001 - health bookkeeping must never fail a request
         db.session.rollback()
         current_app.logger.exception("could not record failure of channel %s", target.channel_name)
-    _channels_by_model.clear()
 
 
 def note_success(route):
-    """A success closes the breaker; written only when there was something to clear."""
-    if not route.fail_count and not route.cooldown_until:
+    """A success ends the run of failures, on every worker: the count is shared."""
+    had_failures = failures_in_a_row(route.target.channel_id, reset=True)
+    if not (had_failures or route.fail_count or route.cooldown_until):
         return
     db.session.execute(update(Channel).where(Channel.id == route.target.channel_id).values(
         fail_count=0, cooldown_until=None))
+    changed(Channel)
     db.session.commit()
-    _channels_by_model.clear()
+
+
+_local_failures = {}  # channel id -> failures in a row, when there is no Redis
+
+
+def failures_in_a_row(channel_id, add=False, reset=False):
+    """The channel's count of failures in a row, shared by all workers through Redis
+    (an atomic INCR / DEL); in this process when Redis is not configured or is down."""
+    name = f"tokenopen:channel:{channel_id}:failures"
+    try:
+        if add:
+            return int(redis_store.run(lambda conn: conn.pipeline().incr(name)
+                                       .expire(name, 86400).execute()[0]))
+        if reset:
+            return int(redis_store.run(lambda conn: conn.delete(name)))
+    except redis_store.Unavailable:
+        pass
+    if add:
+        _local_failures[channel_id] = _local_failures.get(channel_id, 0) + 1
+        return _local_failures[channel_id]
+    return _local_failures.pop(channel_id, 0)

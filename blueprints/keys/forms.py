@@ -34,6 +34,10 @@ class CreateKeyForm(FlaskForm):
                               description="Comma-separated CIDRs, e.g. 10.0.0.0/8. Empty: any IP.")
     rpm = IntegerField("Requests per minute", default=0, validators=[
         Optional(), NumberRange(min=0, max=MAX_RPM)], description="0: no limit of its own.")
+    tpm = IntegerField("Tokens per minute", default=0, validators=[
+        Optional(), NumberRange(min=0, max=1_000_000_000)], description="0: no limit of its own.")
+    concurrency = IntegerField("Requests in flight", default=0, validators=[
+        Optional(), NumberRange(min=0, max=100_000)], description="0: no limit of its own.")
     submit = SubmitField("Create key")
 
     def validate_credit_limit(self, field):
@@ -62,6 +66,8 @@ class CreateKeyForm(FlaskForm):
             "models": ",".join(models) or None,
             "allowed_ips": ",".join(networks) or None,
             "rpm": self.rpm.data or 0,
+            "tpm": self.tpm.data or 0,
+            "concurrency": self.concurrency.data or 0,
         }
 
 

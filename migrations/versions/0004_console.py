@@ -8,7 +8,7 @@ import sqlalchemy as sa
 
 
 revision = "0004_console"
-down_revision = "0002_money"  # chained after main's 0002 (the brief said 0001; main moved on)
+down_revision = "0003_limits"  # 0001 -> 0002_money -> 0003_limits -> 0004_console
 branch_labels = None
 depends_on = None
 

@@ -1,0 +1,64 @@
+"""Request-log retention: rows older than N days are deleted; the daily rollups stay.
+
+`TOKENOPEN_LOG_RETENTION_DAYS` (0 = keep forever) is applied by a background loop in
+every worker (deleting in small batches is idempotent, so several workers may run it),
+and `flask --app app logs prune --older-than-days N` does it on demand.
+"""
+import threading
+import time
+from datetime import timedelta
+
+from sqlalchemy import delete, select
+
+from extensions import db
+from models import RequestLog, utcnow
+
+BATCH = 5_000  # rows per transaction, so a big prune never holds a long lock
+PRUNE_EVERY = 3600  # seconds
+
+
+def prune_request_logs(older_than_days, batch=BATCH):
+    """Delete request logs older than `older_than_days` days; returns how many went.
+    UsageDaily (the dashboard's rollups) is left as it is."""
+    if older_than_days <= 0:
+        return 0
+    cutoff = utcnow() - timedelta(days=older_than_days)
+    total = 0
+    while True:
+        ids = select(RequestLog.id).where(RequestLog.created_at < cutoff).limit(batch)
+        deleted = db.session.execute(delete(RequestLog).where(RequestLog.id.in_(
+            ids.scalar_subquery()))).rowcount
+        db.session.commit()
+        total += deleted or 0
+        if not deleted or deleted < batch:
+            return total
+
+
+def prune_once(app):
+    """Apply the configured retention once; failures are logged, never raised."""
+    days = app.config.get("LOG_RETENTION_DAYS") or 0
+    if days <= 0:
+        return 0
+    with app.app_context():
+        try:
+            pruned = prune_request_logs(days)
+            if pruned:
+                app.logger.info("pruned %d request log(s) older than %d days", pruned, days)
+            return pruned
+        except Exception:  # noqa: BLE001 - retention must never take the worker down
+            db.session.rollback()
+            app.logger.exception("request log pruning failed")
+            return 0
+
+
+def start_pruner(app, interval=PRUNE_EVERY):
+    """Prune now and every `interval` seconds in a daemon thread (a greenlet under gevent)."""
+    if (app.config.get("LOG_RETENTION_DAYS") or 0) <= 0:
+        return
+
+    def loop():
+        while True:
+            prune_once(app)
+            time.sleep(interval)
+
+    threading.Thread(target=loop, name="log-retention", daemon=True).start()
