@@ -3,6 +3,7 @@
 Unit tests of the limiter run the same cases on both backends: in memory and on the
 shared Redis (a db number of its own). The issue-11 finding each test covers is named.
 """
+import os
 import time
 from datetime import timedelta
 
@@ -13,7 +14,9 @@ from flask import Flask
 import rate_limits
 from rate_limits import ConcurrencyLimited, Party, RateLimited
 
-REDIS_URL = "redis://127.0.0.1:6379/12"
+# A Redis database per pytest-xdist worker: a flush by one worker must not wipe another's slots.
+REDIS_URL = "redis://127.0.0.1:6379/" + str(
+    12 - int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:] or 0) % 8)
 DEAD_REDIS_URL = "redis://127.0.0.1:1/0"  # nothing listens on port 1
 
 
@@ -81,17 +84,17 @@ def test_concurrency_slots_come_back_on_release_and_when_the_lease_lapses(limite
     rate_limits.release(first)  # twice is harmless
     rate_limits.admit("c", (key,))
     # a dead worker never releases: its slots come back when the lease lapses
-    limiter_app.config["LIMIT_LEASE_SECONDS"] = 0.3
+    limiter_app.config["LIMIT_LEASE_SECONDS"] = 1
     other = Party("key", 4, concurrency=1)
     held = rate_limits.admit("d", (other,))
     with pytest.raises(ConcurrencyLimited):
         rate_limits.admit("e", (other,))
-    time.sleep(0.2)
+    time.sleep(0.6)
     rate_limits.renew(held, force=True)  # a live request keeps its slot
-    time.sleep(0.2)
+    time.sleep(0.6)
     with pytest.raises(ConcurrencyLimited):
         rate_limits.admit("e", (other,))
-    time.sleep(0.4)
+    time.sleep(1.2)
     rate_limits.admit("e", (other,))
 
 
