@@ -152,8 +152,9 @@ def register(app):
         channel.fail_count = 0
         channel.cooldown_until = None
         db.session.commit()
-        from blueprints.api.routing import failures_in_a_row
-        failures_in_a_row(channel.id, reset=True)  # the count all workers share, too
+        from blueprints.api.routing import channel_generation, failures_in_a_row
+        # the count all workers share, too
+        failures_in_a_row(channel.id, reset=True, generation=channel_generation(channel))
         click.echo(f"enabled channel {channel.name}")
 
     @channels.command("disable")

@@ -94,6 +94,17 @@ def app(backend, tmp_path, request):
 
 
 @pytest.fixture
+def ctx(app):
+    """An app context whose ledger must be clean when the test ends."""
+    import billing
+    from extensions import db
+    with app.app_context():
+        yield app
+        db.session.rollback()
+        assert billing.check_ledger() == []
+
+
+@pytest.fixture
 def client(app):
     return app.test_client()
 

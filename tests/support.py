@@ -60,6 +60,27 @@ def wait_http(url, timeout=30, proc=None):
     raise RuntimeError(f"{url} did not come up in {timeout}s")
 
 
+# --- money readers (call inside an app context) -------------------------------------------
+
+def balances(user_id):
+    """(balance, reserved) of a user, straight from the database."""
+    from extensions import db
+    from models import User
+    row = db.session.execute(db.select(User.balance_micro, User.reserved_micro)
+                             .filter_by(id=user_id)).one()
+    db.session.commit()
+    return tuple(row)
+
+
+def key_row(full_key):
+    """The ApiKey row of a full sk- key."""
+    from extensions import db
+    from models import ApiKey
+    row = db.session.scalar(db.select(ApiKey).filter_by(key_hash=ApiKey.hash_key(full_key)))
+    db.session.commit()
+    return row
+
+
 # --- row factories (call inside an app context) -------------------------------------------
 
 def make_user(email, password="password123", is_admin=False, group=None, credits=None,

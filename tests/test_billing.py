@@ -14,28 +14,7 @@ from billing import Price
 from extensions import db
 from models import MICRO, ApiKey, LedgerEntry, ModelPrice, RedemptionCode, RequestLog, Reservation, \
     User, utcnow
-from tests.support import make_key, make_price, make_user
-
-
-@pytest.fixture
-def ctx(app):
-    """An app context whose ledger must be clean when the test ends."""
-    with app.app_context():
-        yield app
-        db.session.rollback()
-        assert billing.check_ledger() == []
-
-
-def balances(user_id):
-    """(balance, reserved) straight from the database."""
-    row = db.session.execute(db.select(User.balance_micro, User.reserved_micro)
-                             .filter_by(id=user_id)).one()
-    db.session.commit()
-    return tuple(row)
-
-
-def key_row(full_key):
-    return db.session.scalar(db.select(ApiKey).filter_by(key_hash=ApiKey.hash_key(full_key)))
+from tests.support import balances, key_row, make_key, make_price, make_user
 
 
 def exact_cost(price, prompt, completion, cached, multiplier_ppm):

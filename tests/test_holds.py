@@ -8,30 +8,7 @@ import billing
 import holds
 from extensions import db
 from models import MICRO, ApiKey, LedgerEntry, RequestLog, Reservation, User, utcnow
-from tests.support import make_key, make_user
-
-
-@pytest.fixture
-def ctx(app):
-    """An app context whose ledger must be clean when the test ends."""
-    with app.app_context():
-        yield app
-        db.session.rollback()
-        assert billing.check_ledger() == []
-
-
-def balances(user_id):
-    """(balance, reserved) straight from the database."""
-    row = db.session.execute(db.select(User.balance_micro, User.reserved_micro)
-                             .filter_by(id=user_id)).one()
-    db.session.commit()
-    return tuple(row)
-
-
-def key_row(full_key):
-    row = db.session.scalar(db.select(ApiKey).filter_by(key_hash=ApiKey.hash_key(full_key)))
-    db.session.commit()
-    return row
+from tests.support import balances, key_row, make_key, make_user
 
 
 def hold_row(request_id):

@@ -41,7 +41,8 @@ def _load_routes(model):
                                      "with the configured encryption keys", c.name)
             continue
         routes.append(Route(Target(channel_id=c.id, channel_name=c.name, type=c.type,
-                                   base_url=c.base_url, api_key=api_key, upstream_model=upstream),
+                                   base_url=c.base_url, api_key=api_key, upstream_model=upstream,
+                                   generation=channel_generation(c)),
                             c.priority, max(c.weight, 0), c.cooldown_until, c.fail_count))
     return routes
 
@@ -93,7 +94,7 @@ def choose_channels(model):
 def note_failure(target, message):
     """Count a failure in a row; after N the channel cools down (health shows it everywhere)."""
     config = current_app.config
-    in_a_row = failures_in_a_row(target.channel_id, add=True)
+    in_a_row = failures_in_a_row(target.channel_id, add=True, generation=target.generation)
     values = {"fail_count": in_a_row, "last_error": message[:500]}
     if in_a_row >= config["CHANNEL_FAILURES_BEFORE_COOLDOWN"]:
         values["cooldown_until"] = utcnow() + timedelta(seconds=config["CHANNEL_COOLDOWN_SECONDS"])
@@ -108,7 +109,8 @@ def note_failure(target, message):
 
 def note_success(route):
     """A success ends the run of failures, on every worker: the count is shared."""
-    had_failures = failures_in_a_row(route.target.channel_id, reset=True)
+    had_failures = failures_in_a_row(route.target.channel_id, reset=True,
+                                     generation=route.target.generation)
     if not (had_failures or route.fail_count or route.cooldown_until):
         return
     db.session.execute(update(Channel).where(Channel.id == route.target.channel_id).values(
@@ -117,13 +119,20 @@ def note_success(route):
     db.session.commit()
 
 
-_local_failures = {}  # channel id -> failures in a row, when there is no Redis
+_local_failures = {}  # (channel id, generation) -> failures in a row, when there is no Redis
 
 
-def failures_in_a_row(channel_id, add=False, reset=False):
+def channel_generation(channel):
+    """A number that tells a channel from an earlier one that had the same id (SQLite reuses
+    ids): its creation time in microseconds."""
+    created = channel.created_at
+    return int(created.timestamp() * 1_000_000) if created is not None else 0
+
+
+def failures_in_a_row(channel_id, add=False, reset=False, generation=0):
     """The channel's count of failures in a row, shared by all workers through Redis
     (an atomic INCR / DEL); in this process when Redis is not configured or is down."""
-    name = f"tokenopen:channel:{channel_id}:failures"
+    name = f"tokenopen:channel:{channel_id}:{generation}:failures"
     try:
         if add:
             return int(redis_store.run(lambda conn: conn.pipeline().incr(name)
@@ -132,7 +141,8 @@ def failures_in_a_row(channel_id, add=False, reset=False):
             return int(redis_store.run(lambda conn: conn.delete(name)))
     except redis_store.Unavailable:
         pass
+    local = (channel_id, generation)
     if add:
-        _local_failures[channel_id] = _local_failures.get(channel_id, 0) + 1
-        return _local_failures[channel_id]
-    return _local_failures.pop(channel_id, 0)
+        _local_failures[local] = _local_failures.get(local, 0) + 1
+        return _local_failures[local]
+    return _local_failures.pop(local, 0)

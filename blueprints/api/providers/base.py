@@ -125,6 +125,7 @@ class Target:
     base_url: str
     api_key: str
     upstream_model: str
+    generation: int = 0  # when the channel was created: a recreated id starts afresh
 
 
 class UpstreamFailure(Exception):
