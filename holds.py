@@ -201,15 +201,24 @@ def renew_leases(request_ids):
 def checkpoint(hold, prompt_tokens, completion_tokens, cached_tokens, cost_micro,
                channel_id=None, channel_name=None):
     """Record what has been delivered so far (and renew the lease); COMMITS."""
-    if hold is None or not hold.held:
-        return
+    checkpoint_many([(hold, prompt_tokens, completion_tokens, cached_tokens, cost_micro,
+                      channel_id, channel_name)])
+
+
+def checkpoint_many(points):
+    """Checkpoint many holds in one transaction (one round of a worker's keeper); COMMITS.
+    `points`: (hold, prompt, completion, cached, cost, channel_id, channel_name) tuples."""
     now = utcnow()
+    until = now + timedelta(seconds=lease_seconds())
+    rows = [{"rid": hold.request_id, "prompt": int(prompt), "completion": int(completion),
+             "cached": int(cached), "cost": int(cost), "channel_id": channel_id,
+             "channel_name": channel_name, "now": now, "until": until}
+            for hold, prompt, completion, cached, cost, channel_id, channel_name in points
+            if hold is not None and hold.held]
+    if not rows:
+        return
     try:
-        db.session.execute(_CHECKPOINT, {
-            "rid": hold.request_id, "prompt": int(prompt_tokens), "cached": int(cached_tokens),
-            "completion": int(completion_tokens), "cost": int(cost_micro),
-            "channel_id": channel_id, "channel_name": channel_name, "now": now,
-            "until": now + timedelta(seconds=lease_seconds())})
+        db.session.execute(_CHECKPOINT, rows)
         db.session.commit()
     except BaseException:
         db.session.rollback()

@@ -253,8 +253,8 @@ async def _one_stream(host, port, payload, started, deadline):
         seen = b""
         while b"Hello" not in seen:
             data = await asyncio.wait_for(reader.read(65536), deadline)
-            if not data:
-                return None, False
+            if not data:  # answered without a token: keep the answer as a failure example
+                raise RuntimeError(seen[:300].decode("utf-8", "replace"))
             seen += data
         first = time.perf_counter() - started
         while True:  # keep the stream open to its end, as a chat client would

@@ -53,18 +53,19 @@ def draining():
 # --- the keeper's duties ------------------------------------------------------------------
 
 def checkpoint_streams(app, delivered_of):
-    """Write the delivered usage of every open stream that progressed since its last one."""
+    """Write the delivered usage of every open stream that progressed since its last one,
+    in one transaction."""
     due = []
     for flight in live_streams():
         usage, cost = delivered_of(flight)
         if (usage.prompt_tokens, usage.completion_tokens, cost) != flight.checkpointed:
             due.append((flight, usage, cost))
+    holds.checkpoint_many([
+        (flight.hold, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens, cost,
+         flight.route.target.channel_id if flight.route else None,
+         flight.route.target.channel_name if flight.route else None)
+        for flight, usage, cost in due])
     for flight, usage, cost in due:
-        route = flight.route
-        holds.checkpoint(flight.hold, usage.prompt_tokens, usage.completion_tokens,
-                         usage.cached_tokens, cost,
-                         route.target.channel_id if route else None,
-                         route.target.channel_name if route else None)
         flight.checkpointed = (usage.prompt_tokens, usage.completion_tokens, cost)
     return len(due)
 
