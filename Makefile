@@ -7,7 +7,7 @@ HOST    ?= 127.0.0.1
 PORT    ?= 8000
 PYTEST_ARGS ?= -n 2
 
-.PHONY: run test setup deps test-deps browser services migration clean bench bench-litellm wrk
+.PHONY: run test setup deps test-deps browser nginx services migration clean bench bench-litellm wrk
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -35,7 +35,11 @@ setup: deps
 run: setup
 	HOST=$(HOST) PORT=$(PORT) exec $(BIN)/gunicorn -c gunicorn.conf.py wsgi:app
 
-test: test-deps browser
+# Debian's nginx, to check the deploy/ example with `nginx -t` (tests/test_deploy.py).
+nginx:
+	@test -x /usr/sbin/nginx || { (apt-get update -qq || true) && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null; }
+
+test: test-deps browser nginx
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Speed, measured here and never in `make test` (bench/README.md): the fake upstream direct,
