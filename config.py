@@ -1,6 +1,7 @@
 """Settings from TOKENOPEN_* environment variables, read when the app is built."""
 import os
 import secrets
+import tempfile
 from datetime import timedelta
 
 
@@ -16,11 +17,22 @@ def _secret_key(instance_path):
         with open(path) as fh:
             return fh.read().strip()
     except FileNotFoundError:
-        key = secrets.token_hex(32)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(key)
-        return key
+        pass
+    # Several processes may start at once (gunicorn workers, test runners): each writes a
+    # whole key to its own file and links it into place; the first link wins and everyone
+    # reads the winner, so nobody sees a missing or half-written key.
+    fd, draft = tempfile.mkstemp(dir=instance_path, prefix=".secret_key.")
+    try:
+        with os.fdopen(fd, "w") as fh:  # mkstemp creates it owner-only (0600)
+            fh.write(secrets.token_hex(32))
+        try:
+            os.link(draft, path)
+        except FileExistsError:
+            pass
+    finally:
+        os.unlink(draft)
+    with open(path) as fh:
+        return fh.read().strip()
 
 
 def _engine_options(database_url):

@@ -176,7 +176,9 @@ def test_fuzz_every_v1_route(live, capsys):
     with open(os.path.join(ARTIFACTS, "fuzz_v1.txt"), "w") as out:
         out.write(figures + "\n")
     assert cases >= 2000, f"only {cases} cases generated"
-    assert not [s for s in statuses if s >= 500], f"5xx answers: {dict(statuses)}"
+    server_errors = [p for p in problems if " -> 5" in p.split(": ", 1)[0]]
+    assert not [s for s in statuses if s >= 500], \
+        f"5xx answers (seed {run_seed}): {dict(statuses)}\n" + "\n".join(server_errors[:5])
     kinds = collections.Counter(p.split(": ", 2)[0] + ": " + p.split(": ", 2)[1][:80]
                                 for p in problems)
     assert not problems, f"{len(problems)} problems (seed {run_seed}): {dict(kinds)}\n" + \

@@ -492,6 +492,28 @@ def test_database_file_and_instance_secrets_are_owner_only(tmp_path):
     assert mode(older) == 0o600
 
 
+def _first_session_key(instance, start):
+    from config import load_config
+    start.wait()
+    return load_config(instance, env={})["SECRET_KEY"]
+
+
+def test_processes_starting_together_share_one_whole_session_key(tmp_path):
+    """Eight processes build their settings at the same instant on an empty instance folder
+    (gunicorn workers, test runners): none fails, all read the same 64-hex key, and no
+    draft file is left behind."""
+    import multiprocessing
+    instance = str(tmp_path / "instance")
+    context = multiprocessing.get_context("spawn")
+    with context.Manager() as manager:
+        start = manager.Barrier(8)
+        with context.Pool(8) as pool:
+            keys = pool.starmap(_first_session_key, [(instance, start)] * 8)
+    assert len(set(keys)) == 1 and len(keys[0]) == 64, keys
+    assert sorted(os.listdir(instance)) == ["secret_key"]
+    assert mode(os.path.join(instance, "secret_key")) == 0o600
+
+
 def test_live_gateway_sends_the_decrypted_key_and_stores_a_token(gateway):
     import openai
     key = gateway.member(credits=10)

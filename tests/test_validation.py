@@ -43,6 +43,10 @@ def nested(depth):
     ("messages", dict(MESSAGES, system=[1]), "system"),
     ("messages", dict(MESSAGES, stop_sequences="x"), "stop_sequences"),
     ("messages_count_tokens", dict(MESSAGES, metadata=[]), "metadata"),
+    ("completions", {"model": "m", "prompt": "hi", "stream": "yes"}, "stream"),
+    ("responses", {"model": "m", "input": "hi", "stream": [None, {}]}, "stream"),
+    ("messages", dict(MESSAGES, stream=1), "stream"),
+    ("chat", dict(CHAT, stream=True, stream_options="include_usage"), "stream_options"),
 ])
 def test_invalid_bodies_are_400_naming_the_field(endpoint, body, param):
     with pytest.raises(ApiError) as caught:
@@ -110,6 +114,10 @@ HOSTILE = [  # (path, raw body, the param the 400 names)
      '"messages":[{"role":"user","content":"hi"}]}', "tools"),
     ("/v1/messages", '{"model":"gpt-4o-mini","max_tokens":9223372036854775808,'
      '"messages":[{"role":"user","content":"hi"}]}', None),
+    # a truthy non-boolean `stream` made the upstream stream an answer we expected whole (502)
+    ("/v1/completions", '{"model":"gpt-4o-mini","prompt":[1e305],"stream":"R\\u00d0v"}',
+     "stream"),
+    ("/v1/responses", '{"model":"gpt-4o-mini","input":"x","stream":[null,["?E"]]}', "stream"),
 ]
 
 

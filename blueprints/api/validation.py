@@ -1,6 +1,6 @@
 """What a /v1 request body must be before the relay touches it: 400, never a 500 later.
 
-Checked here: nesting depth, the model name, and the shapes of the chat and Messages fields
+Checked here: nesting depth, the model name, `stream` (a boolean), and the shapes of the chat and Messages fields
 the converters walk. (The integers that size a hold, `max_tokens` and friends and `n`, are
 bounded where the relay reads them: relay.output_cap_of and relay.measure.) Everything else
 passes through for the upstream to judge.
@@ -141,10 +141,20 @@ SHAPE_CHECKS = {"chat": check_chat, "messages": check_anthropic_messages,
                 "messages_count_tokens": check_anthropic_messages}
 
 
+def check_stream_flags(body):
+    """`stream` is true, false or absent: a truthy non-boolean ("yes", [1]) would have the
+    upstream stream an answer the relay expects whole (found by the fuzz: a 502)."""
+    if body.get("stream") is not None and not isinstance(body["stream"], bool):
+        raise bad_request("'stream' must be a boolean.", "stream")
+    if body.get("stream_options") is not None and not isinstance(body["stream_options"], dict):
+        raise bad_request("'stream_options' must be an object.", "stream_options")
+
+
 def validate_body(endpoint, body):
     """Every check above that applies to `endpoint`; raises a 400 ApiError on the first miss."""
     check_depth(body)
     check_model_name(body.get("model"))
+    check_stream_flags(body)
     shape = SHAPE_CHECKS.get(endpoint)
     if shape is not None:
         shape(body)
