@@ -140,10 +140,18 @@ def reserve_credits(user_id, key_id, request_id, amount_micro, **context):
     return Hold(request_id, user_id, key_id, amount)
 
 
-def _insufficient(user_id, amount):
-    row = db.session.execute(select(USERS.c.balance_micro, USERS.c.reserved_micro)
-                             .where(USERS.c.id == user_id)).first()
-    db.session.rollback()
+_OWNER_MONEY = select(USERS.c.balance_micro, USERS.c.reserved_micro).where(
+    USERS.c.id == bindparam("uid"))
+_KEY_MONEY = select(KEYS.c.credit_limit_micro, KEYS.c.spent_micro, KEYS.c.reserved_micro).where(
+    KEYS.c.id == bindparam("kid"))
+
+
+def _insufficient(user_id, amount, conn=None):
+    """The refusal, read on `conn` (the writer's, inside its batch) or the session (then
+    rolled back)."""
+    row = (conn or db.session).execute(_OWNER_MONEY, {"uid": user_id}).first()
+    if conn is None:
+        db.session.rollback()
     if row is not None and row.balance_micro < 0:
         return InsufficientCredits(
             f"Your balance is {format_credits(row.balance_micro)} credits: an upstream produced "
@@ -158,10 +166,10 @@ def _insufficient(user_id, amount):
         "Top up your wallet or lower max_tokens.")
 
 
-def _key_limit(key_id, amount):
-    row = db.session.execute(select(KEYS.c.credit_limit_micro, KEYS.c.spent_micro,
-                                    KEYS.c.reserved_micro).where(KEYS.c.id == key_id)).first()
-    db.session.rollback()
+def _key_limit(key_id, amount, conn=None):
+    row = (conn or db.session).execute(_KEY_MONEY, {"kid": key_id}).first()
+    if conn is None:
+        db.session.rollback()
     if row is None:
         return KeyCreditLimit("This API key no longer exists.")
     left = max(row.credit_limit_micro - row.spent_micro - row.reserved_micro, 0)
@@ -174,7 +182,15 @@ def _key_limit(key_id, amount):
 
 # --- renew and checkpoint ----------------------------------------------------------------
 
-_RENEW = (update(HOLDS).where(HOLDS.c.request_id.in_(bindparam("rids", expanding=True)))
+def _holds_in_order(rids_param):
+    """The hold rows named by `rids_param`, locked in request-id order (PostgreSQL): every
+    statement that touches many holds locks them in the same order, so none deadlock."""
+    return (select(HOLDS.c.request_id)
+            .where(HOLDS.c.request_id.in_(bindparam(rids_param, expanding=True)))
+            .order_by(HOLDS.c.request_id).with_for_update())
+
+
+_RENEW = (update(HOLDS).where(HOLDS.c.request_id.in_(_holds_in_order("rids")))
           .values(lease_until=bindparam("until")))
 _CHECKPOINT = (update(HOLDS).where(HOLDS.c.request_id == bindparam("rid")).values(
     prompt_tokens=bindparam("prompt"), completion_tokens=bindparam("completion"),
@@ -185,7 +201,7 @@ _CHECKPOINT = (update(HOLDS).where(HOLDS.c.request_id == bindparam("rid")).value
 
 def renew_leases(request_ids):
     """Push the lease of these live holds forward; COMMITS. Returns how many were renewed."""
-    request_ids = list(request_ids)
+    request_ids = sorted(request_ids)
     if not request_ids:
         return 0
     until = utcnow() + timedelta(seconds=lease_seconds())
@@ -217,6 +233,7 @@ def checkpoint_many(points):
             if hold is not None and hold.held]
     if not rows:
         return
+    rows.sort(key=lambda row: row["rid"])  # hold rows locked in request-id order
     try:
         db.session.execute(_CHECKPOINT, rows)
         db.session.commit()

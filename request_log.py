@@ -47,15 +47,27 @@ def _rollup_upsert(dialect):
     return statement
 
 
-def _bump_rollup(row):
+def rollup_values(row, replaced_by=None):
+    """The usage_daily increments of log `row`; with `replaced_by`, the difference replacing
+    `row` by that one makes (same day, user, key and model; no new request)."""
     values = dict(day=row["created_at"].strftime("%Y-%m-%d"), user_id=row["user_id"],
                   key_id=row["key_id"] or 0, key_name=row["key_name"] or "",
                   model=row["model"] or "", requests=1,
                   failed=0 if row["status"] == "Success" else 1,
-                  prompt_tokens=row["prompt_tokens"],
-                  completion_tokens=row["completion_tokens"],
-                  credits_micro=row["credits_micro"])
-    db.session.execute(_rollup_upsert(db.session.get_bind().dialect.name), values)
+                  **{name: int(row[name] or 0) for name in _DELTA_FIELDS})
+    if replaced_by is None:
+        return values
+    new = replaced_by
+    values.update(requests=0,
+                  failed=(0 if new.get("status", row["status"]) == "Success" else 1)
+                  - values["failed"],
+                  **{name: int(new.get(name, row[name]) or 0) - values[name]
+                     for name in _DELTA_FIELDS})
+    return values
+
+
+def _bump_rollup(row):
+    db.session.execute(_rollup_upsert(db.session.get_bind().dialect.name), rollup_values(row))
 
 
 _DELTA_FIELDS = ("prompt_tokens", "completion_tokens", "credits_micro")
@@ -73,10 +85,5 @@ def replace_request_log(request_id, **fields):
     db.session.execute(db.update(table).where(table.c.request_id == request_id).values(changes))
     if old.user_id is None:
         return
-    values = dict(day=old.created_at.strftime("%Y-%m-%d"), user_id=old.user_id,
-                  key_id=old.key_id or 0, key_name=old.key_name or "", model=old.model or "",
-                  requests=0, failed=(0 if fields.get("status", old.status) == "Success" else 1)
-                  - (0 if old.status == "Success" else 1),
-                  **{name: int(fields.get(name, getattr(old, name)) or 0)
-                     - int(getattr(old, name) or 0) for name in _DELTA_FIELDS})
-    db.session.execute(_rollup_upsert(db.session.get_bind().dialect.name), values)
+    db.session.execute(_rollup_upsert(db.session.get_bind().dialect.name),
+                       rollup_values(old._mapping, replaced_by=fields))

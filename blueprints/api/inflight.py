@@ -5,10 +5,12 @@ greenlet under gevent) then, without touching the request path:
 - checkpoints what each open stream has delivered, at most every CHECKPOINT_SECONDS,
   in one transaction (so a DB blip never stalls a stream);
 - renews the lease of every hold this worker still serves (live or waiting to settle);
-- retries settlements that failed on a database error, until the database is back;
+- retries settlements that failed on a database error (through the group-commit writer,
+  writer.py), until the database is back;
 - settles holds whose lease lapsed (their worker died) at their last checkpoint;
 - on SIGTERM, lets streams run for DRAIN_SECONDS, then interrupts the rest so they end
-  with the stream_interrupted event, billed and logged, before the worker exits.
+  with the stream_interrupted event, billed and logged, and flushes the writer, before the
+  worker exits.
 """
 import threading
 import time
@@ -16,6 +18,7 @@ from collections import deque
 
 from extensions import db
 import holds
+import writer
 
 _live = {}  # request id -> Flight, for every request of this worker that holds credits
 _deferred = deque()  # (flight, settle callable) whose settlement hit a database error
@@ -164,6 +167,7 @@ def _watch_shutdown(app, worker):
                            app.config["DRAIN_SECONDS"])
     elif time.monotonic() >= _drain["deadline"] and live_streams():
         interrupt_streams("The gateway is shutting down; this stream was interrupted.")
+    writer.flush()  # what requests handed the writer is committed before the worker exits
 
 
 def start_keeper(app, delivered_of, worker=None):

@@ -13,13 +13,13 @@ from dataclasses import dataclass
 
 from flask import Response, current_app, g, request, stream_with_context
 from greenlet import getcurrent
-from sqlalchemy import update
 from sqlalchemy.exc import SQLAlchemyError
 
 import billing
 import holds
 import metrics
 import rate_limits
+import writer
 from blueprints.api import inflight
 from blueprints.api.client_watch import ClientGone, wait_for
 from cache import TTLCache
@@ -34,7 +34,6 @@ from blueprints.api.tokens import count_text, estimate_prompt_tokens
 from blueprints.api.validation import check_model_name, validate_body
 from extensions import db
 from models import ApiKey, Group, Setting, User, split_list, utcnow
-from request_log import add_request_log, replace_request_log
 
 # Fields each JSON endpoint cannot do without (besides `model`).
 REQUIRED_FIELDS = {
@@ -320,7 +319,8 @@ def admit(flight):
     tokens = 0
     if key.tpm or key.group_tpm:  # TPM admits the prompt estimate plus the output caps
         flight.choices = measure(call)[0]
-        tokens = estimate_prompt_tokens(call.body) + flight.output_tokens_cap
+        flight.prompt_estimate = estimate_prompt_tokens(call.body)
+        tokens = flight.prompt_estimate + flight.output_tokens_cap
     parties = (rate_limits.Party("key", key.id, key.rpm, key.tpm, key.concurrency, "this key"),
                rate_limits.Party("user", key.user_id, key.group_rpm, key.group_tpm,
                                  key.group_concurrency, "your group"))
@@ -338,15 +338,16 @@ def reserve(flight):
     """Hold the most this request can cost: the prompt estimate, its output cap times its
     choices, its images and its audio seconds; 402 when the wallet or key cannot cover it."""
     call, key = flight.call, flight.key
-    flight.prompt_estimate = estimate_prompt_tokens(call.body)
+    if not flight.prompt_estimate:  # admit counted it already when a TPM limit applies
+        flight.prompt_estimate = estimate_prompt_tokens(call.body)
     flight.choices, flight.images, flight.seconds = measure(call)
     amount = billing.hold_micro(flight.price, flight.prompt_estimate, flight.output_tokens_cap,
                                 key.multiplier_ppm, images=flight.images, seconds=flight.seconds)
-    try:
-        hold = holds.reserve_credits(
-            key.user_id, key.id, flight.request_id, amount, key_name=key.name,
-            model=call.model, endpoint=flight.endpoint, is_stream=call.stream,
-            client_ip=flight.client_ip)
+    try:  # through the group-commit writer: returns once the hold is committed
+        hold = writer.reserve_credits(
+            key.user_id, key.id, flight.request_id, amount, holds.lease_seconds(),
+            key_name=key.name, model=call.model, endpoint=flight.endpoint,
+            is_stream=call.stream, client_ip=flight.client_ip)
     except holds.CreditsRefused as refused:
         raise ApiError(402, refused.code, str(refused)) from None
     if hold.held:
@@ -541,6 +542,7 @@ def finish(flight, reply, status, http_status, error=None):
     try:
         usage, estimated = metered_usage(flight, reply)
         cost = _cost(flight, usage) if reply is not None else 0
+        unit = settlement(flight, reply, usage, cost, estimated, status, http_status, error)
     except Exception:  # noqa: BLE001
         current_app.logger.exception("could not meter request %s", flight.request_id)
         inflight.forget(flight)
@@ -548,16 +550,13 @@ def finish(flight, reply, status, http_status, error=None):
         metrics.observe_request(flight, usage, 0, http_status)
         return
 
-    def settle_and_log():
-        charged, state = settle(flight, reply, cost, estimated)
+    def settle_and_log():  # returns once committed, batched with other requests' (writer.py)
+        charged, _, flight.late = writer.settle(unit)
         tally["charged"] = charged
-        write_log(flight, usage, charged, state, estimated, status, http_status, error)
-        db.session.commit()
 
     try:
         settle_and_log()
     except SQLAlchemyError as err:
-        db.session.rollback()
         if flight.hold is not None and flight.hold.held:  # money: retried until it lands
             current_app.logger.error("settling %s failed (%s); the hold keeper will retry",
                                      flight.request_id, type(err).__name__)
@@ -566,7 +565,6 @@ def finish(flight, reply, status, http_status, error=None):
             current_app.logger.error("could not log request %s: database unavailable (%s)",
                                      flight.request_id, type(err).__name__)
     except Exception:  # noqa: BLE001
-        db.session.rollback()
         current_app.logger.exception("could not settle/log request %s", flight.request_id)
     finally:
         inflight.forget(flight)
@@ -580,25 +578,6 @@ def release_limits(flight, usage):
         rate_limits.release(flight.admission, usage.prompt_tokens + usage.completion_tokens)
     except Exception:  # noqa: BLE001 - the response is out; a lapsed lease frees the slots
         current_app.logger.exception("could not release the limits of %s", flight.request_id)
-
-
-def settle(flight, reply, cost, estimated):
-    """(charged micro-credits, billing state), in the caller's transaction. Void (the hold
-    goes back whole) only when nothing came back upstream. When this worker was too slow
-    to renew its lease and the sweeper settled the hold at its checkpoint meanwhile, the
-    rest of the real cost is charged now and the sweeper's log row is corrected."""
-    if flight.hold is None:
-        return 0, "void"
-    charged = holds.settle_credits(flight.hold, cost if reply is not None else 0,
-                                   note=flight.call.model if flight.call else None)
-    if charged is None:
-        flight.late = True
-        swept, extra = holds.settle_late(flight.hold, cost if reply is not None else 0,
-                                         note=flight.call.model)
-        charged = swept + extra
-    if reply is None:
-        return charged, "void" if not charged else "estimated"
-    return charged, "estimated" if estimated else "billed"
 
 
 def _cost(flight, usage):
@@ -619,26 +598,27 @@ def delivered_so_far(flight):
     return usage, _cost(flight, usage)
 
 
-def write_log(flight, usage, charged, state, estimated, status, http_status, error):
-    """The request's one RequestLog row (and its rollup), in the caller's transaction."""
+def settlement(flight, reply, usage, cost, estimated, status, http_status, error):
+    """The request's settlement and log row, as one unit for the group-commit writer: the
+    hold released and the actual cost charged (void, the hold back whole, only when nothing
+    came back upstream; a hold the sweeper settled first is charged the rest late and its
+    log row corrected), plus the request's one RequestLog row and its rollup."""
     key, call, route = flight.key, flight.call, flight.route
-    if key is not None and _last_used_is_stale(key.hash):
-        # Lock order on every path: users -> api_keys -> usage_daily (no deadlocks on PG).
-        db.session.execute(update(ApiKey).where(ApiKey.id == key.id)
-                           .values(last_used_at=utcnow()))
-    record = replace_request_log if flight.late else add_request_log
-    record(
-        request_id=flight.request_id, user_id=key.user_id if key else None,
-        key_id=key.id if key else None, key_name=key.name if key else None,
-        model=call.model if call else None,
-        channel_id=route.target.channel_id if route else None,
-        channel_name=route.target.channel_name if route else None,
-        endpoint=flight.endpoint, is_stream=bool(call and call.stream),
-        prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
-        cached_tokens=usage.cached_tokens, credits_micro=charged, status=status,
-        http_status=http_status, latency_ms=_elapsed_ms(flight), ttft_ms=flight.ttft_ms,
-        estimated=estimated, billing=state, error=storable_text(error, 2000),
-        client_ip=flight.client_ip)
+    return writer.Settle(
+        hold=flight.hold, cost=cost, note=call.model if call else None,
+        delivered=reply is not None, estimated=estimated,
+        touch_key=key.id if key is not None and _last_used_is_stale(key.hash) else None,
+        log=dict(
+            request_id=flight.request_id, user_id=key.user_id if key else None,
+            key_id=key.id if key else None, key_name=key.name if key else None,
+            model=call.model if call else None,
+            channel_id=route.target.channel_id if route else None,
+            channel_name=route.target.channel_name if route else None,
+            endpoint=flight.endpoint, is_stream=bool(call and call.stream),
+            prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+            cached_tokens=usage.cached_tokens, status=status, http_status=http_status,
+            latency_ms=_elapsed_ms(flight), ttft_ms=flight.ttft_ms, estimated=estimated,
+            error=storable_text(error, 2000), client_ip=flight.client_ip))
 
 
 def _last_used_is_stale(key_hash):

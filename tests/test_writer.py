@@ -1,0 +1,247 @@
+"""The group-commit writer (writer.py) on SQLite and PostgreSQL: a batch means exactly what
+its units mean one by one, batches really form, one bad unit fails alone, and settlements
+caught by a database blip end settled exactly once."""
+import contextlib
+import threading
+import time
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import event
+from sqlalchemy.exc import IntegrityError, OperationalError
+
+import billing
+import holds
+import writer
+from extensions import db
+from models import MICRO, ApiKey, LedgerEntry, RequestLog, Reservation, UsageDaily, utcnow
+from tests.support import balances, make_key, make_user
+from tests.tcp_proxy import TcpProxy
+
+
+def key_id_of(full_key):
+    kid = db.session.scalar(db.select(ApiKey.id).filter_by(key_hash=ApiKey.hash_key(full_key)))
+    db.session.commit()
+    return kid
+
+
+def reserve_unit(uid, kid, request_id, amount):
+    return writer.Reserve(uid, kid, request_id, amount, {
+        "request_id": request_id, "user_id": uid, "key_id": kid, "amount_micro": amount,
+        "created_at": utcnow(), "lease_until": utcnow() + timedelta(seconds=60), "key_name": "k",
+        "model": "m", "endpoint": "chat", "is_stream": False, "client_ip": None})
+
+
+def settle_unit(hold, cost, delivered=True, user_id=None):
+    return writer.Settle(hold=hold, cost=cost, note="m", delivered=delivered, log=dict(
+        request_id=hold.request_id, user_id=user_id or hold.user_id, key_id=hold.key_id,
+        key_name="k", model="m", endpoint="chat", status="Success", http_status=200,
+        prompt_tokens=3, completion_tokens=4))
+
+
+def run_alone(units):
+    """Each unit in its own transaction (what the writer does for a batch of one)."""
+    results = []
+    with db.engine.connect() as conn:
+        for unit in units:
+            results += writer.run_batch(conn, [unit])
+            conn.commit()
+    return results
+
+
+def run_as_one_batch(units):
+    with db.engine.connect() as conn:
+        results = writer.run_batch(conn, units)
+        conn.commit()
+    return results
+
+
+def outcome(result):
+    if isinstance(result, holds.CreditsRefused):
+        return result.code, str(result)
+    if isinstance(result, holds.Hold):
+        return "held", result.amount_micro, result.held
+    return result
+
+
+def money_of(uid, kid):
+    key = db.session.get(ApiKey, kid)
+    ledger = [(r.kind, r.amount_micro, r.balance_after_micro, r.request_id[2:]) for r in
+              db.session.scalars(db.select(LedgerEntry).filter_by(user_id=uid)
+                                 .where(LedgerEntry.kind != "grant").order_by(LedgerEntry.id))]
+    logs = sorted((r.request_id[2:], r.credits_micro, r.billing) for r in db.session.scalars(
+        db.select(RequestLog).filter_by(user_id=uid)))
+    rollup = [(u.requests, u.credits_micro) for u in db.session.scalars(
+        db.select(UsageDaily).filter_by(user_id=uid))]
+    state = (balances(uid), (key.spent_micro, key.reserved_micro), ledger, logs, rollup)
+    db.session.commit()
+    return state
+
+
+def test_a_batch_means_exactly_what_its_units_mean_one_by_one(ctx):
+    """26 reservations against a 15-credit wallet and a 4-credit key limit, refusals and all,
+    then their settlements (cheaper, overruns, void, a hold the sweeper took first) as ONE
+    batch each, give the same results, balances, ledger and logs as one unit at a time."""
+    states = []
+    for prefix, run in (("a-", run_alone), ("b-", run_as_one_batch)):
+        email = f"{prefix}@example.com"
+        uid = make_user(email, credits=15)
+        limited = key_id_of(make_key(email, name="limited", credit_limit_micro=4 * MICRO))
+        free = key_id_of(make_key(email, name="free"))
+        units = [reserve_unit(uid, limited if i % 3 == 0 else free, f"{prefix}{i}",
+                              MICRO if i % 5 else MICRO // 2) for i in range(25)]
+        units.insert(3, reserve_unit(uid, 999_999, f"{prefix}gone-key", 1))  # a deleted key
+        results = run(units)
+        held = [r for r in results if isinstance(r, holds.Hold)]
+        assert len(held) < len(units)  # some refused, by the wallet and by the key
+        assert {r.code for r in results if not isinstance(r, holds.Hold)} == {
+            "insufficient_credits", "key_credit_limit"}
+        # The sweeper takes one hold first: its settlement is charged late, the rest of it.
+        swept = held[0]
+        db.session.execute(db.update(Reservation).filter_by(request_id=swept.request_id)
+                           .values(lease_until=utcnow() - timedelta(seconds=5)))
+        db.session.commit()
+        assert holds.sweep_lapsed() == 1
+        costs = [(h, [MICRO // 3, 2 * MICRO, 0, MICRO][i % 4], i % 7 != 6)
+                 for i, h in enumerate(held)]
+        settled = run([settle_unit(h, cost, delivered) for h, cost, delivered in costs])
+        states.append(([outcome(r) for r in results], settled, money_of(uid, free)[:2],
+                       money_of(uid, limited)))
+        assert billing.check_ledger() == []
+    alone, batched = states
+    assert batched == alone
+    assert batched[1][0][2] is True  # the swept hold was settled late
+
+
+@contextlib.contextmanager
+def commits_counted(engine, gather=0):
+    """Count COMMITs on `engine`; with `gather`, the first commit waits until that many more
+    units are queued, so the next batch certainly holds them all."""
+    count = {"commits": 0}
+    writer_of_engine = writer.writer_for(engine)
+
+    def on_commit(conn):
+        count["commits"] += 1
+        if count["commits"] == 1 and gather:
+            deadline = time.monotonic() + 30
+            while len(writer_of_engine.pending) < gather and time.monotonic() < deadline:
+                time.sleep(0.01)
+
+    event.listen(engine, "commit", on_commit)
+    try:
+        yield count
+    finally:
+        event.remove(engine, "commit", on_commit)
+
+
+def in_threads(app, count, fn):
+    """fn(i) in `count` threads, each in its own app context: results or exceptions."""
+    results = [None] * count
+
+    def work(i):
+        with app.app_context():
+            try:
+                results[i] = fn(i)
+            except Exception as err:  # noqa: BLE001 - returned to the test
+                results[i] = err
+            finally:
+                db.session.remove()
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    return results
+
+
+def test_concurrent_reservations_are_batched_and_only_the_affordable_succeed(ctx):
+    uid = make_user("a@example.com", credits=10)
+    kid = key_id_of(make_key("a@example.com"))
+    with commits_counted(db.engine, gather=29) as count:
+        results = in_threads(ctx, 30, lambda i: writer.reserve_credits(
+            uid, kid, f"r-{i}", MICRO, 60, model="m"))
+    held = [r for r in results if isinstance(r, holds.Hold)]
+    refused = [r for r in results if not isinstance(r, holds.Hold)]
+    assert len(held) == 10 and all(isinstance(r, holds.InsufficientCredits) for r in refused)
+    assert count["commits"] == 2  # 30 reservations, 2 transactions
+    assert balances(uid) == (10 * MICRO, 10 * MICRO)
+
+    with commits_counted(db.engine, gather=9) as count:
+        charged = in_threads(ctx, 10, lambda i: writer.settle(settle_unit(held[i], MICRO // 2)))
+    assert count["commits"] == 2
+    assert [c[0] for c in charged] == [MICRO // 2] * 10
+    assert balances(uid) == (5 * MICRO, 0)
+    assert db.session.scalar(db.select(db.func.count(RequestLog.id))) == 10
+    assert db.session.scalar(db.select(UsageDaily.requests)) == 10
+    db.session.commit()
+
+
+def test_one_bad_unit_fails_alone_and_its_hold_stays_for_the_retry(ctx):
+    uid = make_user("a@example.com", credits=10)
+    kid = key_id_of(make_key("a@example.com"))
+    first = [writer.reserve_credits(uid, kid, f"r-{i}", MICRO, 60) for i in range(4)]
+    units = [settle_unit(first[0], MICRO), settle_unit(first[1], MICRO, user_id=999_999),
+             settle_unit(first[2], MICRO), reserve_unit(uid, kid, "late-comer", MICRO)]
+    with commits_counted(db.engine, gather=3) as count:
+        results = in_threads(ctx, 4, lambda i: (time.sleep(0.2 * bool(i)),
+                                                writer.submit(units[i]))[1])
+    assert isinstance(results[1], IntegrityError)  # its log row names a user that is gone
+    assert results[0][0] == results[2][0] == MICRO and isinstance(results[3], holds.Hold)
+    assert count["commits"] == 1 + 2  # the first unit, then each good one alone again
+    assert db.session.scalar(db.select(Reservation.id).filter_by(request_id="r-1"))
+    db.session.commit()
+    assert billing.check_ledger() == []
+    # The keeper's retry (here with a good log row) settles it, once.
+    assert writer.settle(settle_unit(first[1], MICRO))[0] == MICRO
+    for hold in (first[3], results[3]):
+        writer.settle(settle_unit(hold, 0, delivered=False))
+    assert balances(uid) == (7 * MICRO, 0)
+
+
+def test_a_settlement_retried_after_its_commit_landed_charges_once(ctx):
+    uid = make_user("a@example.com", credits=10)
+    hold = writer.reserve_credits(uid, None, "r", 2 * MICRO, 60)
+    unit = settle_unit(hold, 3 * MICRO)  # an overrun, too
+    assert writer.settle(unit) == (3 * MICRO, "billed", False)
+    assert writer.settle(unit) == (3 * MICRO, "billed", True)  # as if the commit was unknown
+    assert balances(uid) == (7 * MICRO, 0)
+    assert db.session.scalar(db.select(db.func.count(RequestLog.id))) == 1
+    assert db.session.scalar(db.select(UsageDaily.credits_micro)) == 3 * MICRO
+    assert [r.kind for r in db.session.scalars(db.select(LedgerEntry).filter_by(
+        request_id="r").order_by(LedgerEntry.id))] == ["charge", "overrun"]
+    db.session.commit()
+
+
+@pytest.mark.parametrize("backend", ["postgresql"])
+def test_settlements_cut_by_a_database_blip_end_settled_exactly_once(ctx, backend):
+    """PostgreSQL reached through a proxy the test cuts: a batch of settlements fails whole
+    (each waiter gets the error: the relay hands them to the keeper), then every retry after
+    the database is back settles each once, and a second retry charges nothing."""
+    from app import create_app
+    proxy = TcpProxy("127.0.0.1", 5432).start()
+    url = ctx.config["SQLALCHEMY_DATABASE_URI"].replace("127.0.0.1:5432",
+                                                        f"127.0.0.1:{proxy.port}")
+    blip = create_app({"SQLALCHEMY_DATABASE_URI": url, "SECRET_KEY": "test", "TESTING": True,
+                       "CACHE_TTL": 0, "RATELIMIT_STORAGE_URI": "memory://"})
+    try:
+        uid = make_user("a@example.com", credits=10)
+        with blip.app_context():
+            held = [writer.reserve_credits(uid, None, f"r-{i}", MICRO, 60) for i in range(8)]
+            units = [settle_unit(h, MICRO // 4) for h in held]
+            proxy.cut()
+            failed = in_threads(blip, 8, lambda i: writer.settle(units[i]))
+            assert all(isinstance(r, OperationalError) for r in failed), failed
+            proxy.restore()
+            retried = in_threads(blip, 8, lambda i: writer.settle(units[i]))
+            again = in_threads(blip, 8, lambda i: writer.settle(units[i]))
+            db.engine.dispose()
+        assert [r[0] for r in retried] == [r[0] for r in again] == [MICRO // 4] * 8
+        assert balances(uid) == (8 * MICRO, 0)
+        assert db.session.scalar(db.select(db.func.count(RequestLog.id))) == 8
+        assert db.session.scalar(db.select(db.func.count(LedgerEntry.id)).filter_by(
+            kind="charge")) == 8
+        assert db.session.scalar(db.select(UsageDaily.requests)) == 8
+        db.session.commit()
+    finally:
+        proxy.stop()
