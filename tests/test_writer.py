@@ -115,13 +115,14 @@ def test_a_batch_means_exactly_what_its_units_mean_one_by_one(ctx):
 
 @contextlib.contextmanager
 def commits_counted(engine, gather=0):
-    """Count COMMITs on `engine`; with `gather`, the first commit waits until that many more
-    units are queued, so the next batch certainly holds them all."""
-    count = {"commits": 0}
+    """Count COMMITs on `engine`; with `gather`, the first commit (sets count["first"], then)
+    waits until that many more units are queued, so the next batch certainly holds them all."""
+    count = {"commits": 0, "first": threading.Event()}
     writer_of_engine = writer.writer_for(engine)
 
     def on_commit(conn):
         count["commits"] += 1
+        count["first"].set()
         if count["commits"] == 1 and gather:
             deadline = time.monotonic() + 30
             while len(writer_of_engine.pending) < gather and time.monotonic() < deadline:
@@ -134,8 +135,9 @@ def commits_counted(engine, gather=0):
         event.remove(engine, "commit", on_commit)
 
 
-def in_threads(app, count, fn):
-    """fn(i) in `count` threads, each in its own app context: results or exceptions."""
+def in_threads(app, count, fn, first_committing=None):
+    """fn(i) in `count` threads, each in its own app context: results or exceptions. With
+    `first_committing` (an Event), thread 0 starts alone and the rest once it is set."""
     results = [None] * count
 
     def work(i):
@@ -148,8 +150,10 @@ def in_threads(app, count, fn):
                 db.session.remove()
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(count)]
-    for thread in threads:
+    for i, thread in enumerate(threads):
         thread.start()
+        if i == 0 and first_committing is not None:
+            assert first_committing.wait(30)
     for thread in threads:
         thread.join(60)
     return results
@@ -160,15 +164,16 @@ def test_concurrent_reservations_are_batched_and_only_the_affordable_succeed(ctx
     kid = key_id_of(make_key("a@example.com"))
     with commits_counted(db.engine, gather=29) as count:
         results = in_threads(ctx, 30, lambda i: writer.reserve_credits(
-            uid, kid, f"r-{i}", MICRO, 60, model="m"))
+            uid, kid, f"r-{i}", MICRO, 60, model="m"), count["first"])
     held = [r for r in results if isinstance(r, holds.Hold)]
     refused = [r for r in results if not isinstance(r, holds.Hold)]
     assert len(held) == 10 and all(isinstance(r, holds.InsufficientCredits) for r in refused)
-    assert count["commits"] == 2  # 30 reservations, 2 transactions
+    assert count["commits"] == 2  # 30 reservations: the first alone, the 29 others together
     assert balances(uid) == (10 * MICRO, 10 * MICRO)
 
     with commits_counted(db.engine, gather=9) as count:
-        charged = in_threads(ctx, 10, lambda i: writer.settle(settle_unit(held[i], MICRO // 2)))
+        charged = in_threads(ctx, 10, lambda i: writer.settle(settle_unit(held[i], MICRO // 2)),
+                             count["first"])
     assert count["commits"] == 2
     assert [c[0] for c in charged] == [MICRO // 2] * 10
     assert balances(uid) == (5 * MICRO, 0)
@@ -184,8 +189,7 @@ def test_one_bad_unit_fails_alone_and_its_hold_stays_for_the_retry(ctx):
     units = [settle_unit(first[0], MICRO), settle_unit(first[1], MICRO, user_id=999_999),
              settle_unit(first[2], MICRO), reserve_unit(uid, kid, "late-comer", MICRO)]
     with commits_counted(db.engine, gather=3) as count:
-        results = in_threads(ctx, 4, lambda i: (time.sleep(0.2 * bool(i)),
-                                                writer.submit(units[i]))[1])
+        results = in_threads(ctx, 4, lambda i: writer.submit(units[i]), count["first"])
     assert isinstance(results[1], IntegrityError)  # its log row names a user that is gone
     assert results[0][0] == results[2][0] == MICRO and isinstance(results[3], holds.Hold)
     assert count["commits"] == 1 + 2  # the first unit, then each good one alone again
