@@ -16,6 +16,10 @@ sum(ledger) == balance for every user.
 - sweep: a hold whose lease lapsed belongs to a dead worker: it is settled at its last
   checkpoint and logged Failed ("worker lost"), never released free of what was delivered.
 
+The request path reserves and settles through the worker's group-commit writer (writer.py),
+which runs these same statements for many requests in one transaction; the functions here
+run one at a time in the session's transaction (the sweeper, the CLI, tests).
+
 Lock order everywhere is hold row -> user row -> key row, so PostgreSQL never deadlocks on
 these paths; write transactions start with a write so SQLite's WAL snapshots never need an
 upgrade that could fail.

@@ -41,6 +41,7 @@ from request_log import _INSERT_LOG as _INSERT_LOG_STATEMENT
 DATABASE_DOWN = (OperationalError, InterfaceError, DisconnectionError, PoolTimeout)
 IDLE_SECONDS = 30  # an idle writer gives its connection back and ends; the next unit restarts it
 
+
 class Prepared:
     """A prebuilt statement compiled once per dialect to the driver's SQL text and run on the
     DBAPI cursor: SQLAlchemy's per-execution work (cache key, compiled-cache lookup, result
@@ -109,6 +110,7 @@ def _wrapped(err, sql, params, cursor, dialect):
                                dialect=dialect)
 
 
+# The hot statements (holds.py's, built once), run on the driver's cursor.
 _RESERVE_USER = Prepared(holds._RESERVE_USER)
 _RESERVE_KEY = Prepared(holds._RESERVE_KEY)
 _AVAILABLE = Prepared(holds._AVAILABLE)
@@ -119,13 +121,14 @@ _INSERT_LEDGER = Prepared(insert(LEDGER).values({name: bindparam(name) for name 
     "user_id", "kind", "amount_micro", "balance_after_micro", "note", "request_id",
     "created_at")}))
 _INSERT_LOG = Prepared(_INSERT_LOG_STATEMENT)
-_TAKE_HOLDS = (delete(HOLDS).where(HOLDS.c.request_id.in_(holds._holds_in_order("rids")))
-               .returning(HOLDS.c.request_id))
 _TOUCH_KEY = Prepared(update(KEYS).where(KEYS.c.id == bindparam("kid")).values(
     last_used_at=bindparam("now")))
 _GIVE_BACK = Prepared(update(USERS).where(USERS.c.id == bindparam("uid")).values(
     reserved_micro=USERS.c.reserved_micro - bindparam("amount")))
 _rollups = {}  # dialect name -> Prepared rollup upsert
+# Once a batch, or rare (lists of ids, late settlements): SQLAlchemy Core.
+_TAKE_HOLDS = (delete(HOLDS).where(HOLDS.c.request_id.in_(holds._holds_in_order("rids")))
+               .returning(HOLDS.c.request_id))
 _OLD_LOGS = select(LOGS).where(LOGS.c.request_id.in_(bindparam("rids", expanding=True)))
 _REPLACE_LOG = update(LOGS).where(LOGS.c.request_id == bindparam("rid"))
 
