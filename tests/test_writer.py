@@ -249,3 +249,71 @@ def test_settlements_cut_by_a_database_blip_end_settled_exactly_once(ctx, backen
         db.session.commit()
     finally:
         proxy.stop()
+
+
+def test_a_live_batch_of_settlements_cut_by_a_blip_ends_settled_exactly_once(
+        fake_upstream, tmp_path, request):
+    """Through a live gateway on PostgreSQL behind a proxy: eight streams end together while
+    the database is cut, so their settlements fail (in the writer's batches); once it is back, the hold
+    keeper's retries settle each exactly once (one log row, one charge, nothing held)."""
+    import openai
+
+    from tests.conftest import _worker_id
+    from tests.support import LiveGateway, drop_postgres_database, postgres_database_url
+    name = f"tokenopen_wblip_{_worker_id(request)}"
+    direct = postgres_database_url(name)
+    proxy = TcpProxy("127.0.0.1", 5432).start()
+    gw = LiveGateway(direct, str(tmp_path), fake_upstream, {
+        "TOKENOPEN_HOLD_LEASE_SECONDS": "3", "TOKENOPEN_CHECKPOINT_SECONDS": "0.5",
+        "TOKENOPEN_SWEEP_INTERVAL": "1", "TOKENOPEN_UPSTREAM_TIMEOUT": "10"})
+    gw.env["TOKENOPEN_DATABASE_URL"] = direct.replace("127.0.0.1:5432",
+                                                      f"127.0.0.1:{proxy.port}")
+    gw.start()
+    try:
+        gw.reset()
+        key = gw.member(credits=10, models="gpt-4o-mini=fault-slow")
+        client = openai.OpenAI(base_url=gw.base_url, api_key=key, max_retries=0, timeout=30)
+        streams = [iter(client.chat.completions.create(
+            model="gpt-4o-mini", stream=True, messages=[{"role": "user", "content": "hi"}]))
+            for _ in range(8)]
+        for stream in streams:
+            next(stream)
+        proxy.cut()
+        texts = in_threads_plain([lambda s=s: "".join(
+            c.choices[0].delta.content or "" for c in s if c.choices) for s in streams])
+        assert all("deterministic answer" in t for t in texts)  # all reached [DONE]
+        assert gw.logs() == []  # nothing could be written during the outage
+        proxy.restore()
+        rows = gw.wait_logs(8, timeout=20)
+        assert len(rows) == 8 and {r["status"] for r in rows} == {"Success"}
+        assert all(r["completion_tokens"] == 9 and r["credits_micro"] > 0 for r in rows)
+
+        def money():
+            return (db.session.scalar(db.select(db.func.count(Reservation.id))),
+                    [(e.kind, e.request_id) for e in db.session.scalars(
+                        db.select(LedgerEntry).where(LedgerEntry.kind != "grant"))])
+        deadline = time.time() + 15
+        while gw.run(money)[0] and time.time() < deadline:
+            time.sleep(0.2)
+        held, ledger = gw.run(money)
+        assert held == 0
+        assert sorted(rid for _, rid in ledger) == sorted(r["request_id"] for r in rows)
+        assert {kind for kind, _ in ledger} == {"charge"}
+        assert gw.run(billing.check_ledger) == []
+    finally:
+        gw.stop()
+        proxy.stop()
+        drop_postgres_database(name)
+
+
+def in_threads_plain(functions):
+    results = [None] * len(functions)
+
+    def work(i):
+        results[i] = functions[i]()
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(functions))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    return results
