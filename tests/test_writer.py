@@ -254,8 +254,9 @@ def test_settlements_cut_by_a_database_blip_end_settled_exactly_once(ctx, backen
 def test_a_live_batch_of_settlements_cut_by_a_blip_ends_settled_exactly_once(
         fake_upstream, tmp_path, request):
     """Through a live gateway on PostgreSQL behind a proxy: eight streams end together while
-    the database is cut, so their settlements fail (in the writer's batches); once it is back, the hold
-    keeper's retries settle each exactly once (one log row, one charge, nothing held)."""
+    the database is cut, so their settlements fail (in the writer's batches); once it is
+    back, the hold keeper's retries settle each exactly once (one log row, one charge,
+    nothing held)."""
     import openai
 
     from tests.conftest import _worker_id
