@@ -14,6 +14,7 @@ from blueprints.api.providers.anthropic import AnthropicAdaptor, parse_event
 from blueprints.api.providers.base import (
     Call, Reply, StreamBroken, Target, UpstreamFailure, Usage, split_sse,
 )
+from blueprints.api.providers.upstream_http import UpstreamHTTP
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 
@@ -420,7 +421,7 @@ def adaptor(fake_upstream, model="claude-up", base_suffix=""):
     target = Target(channel_id=1, channel_name="a", type="anthropic",
                     base_url=fake_upstream.url + base_suffix, api_key="sk-ant-secret",
                     upstream_model=model)
-    return AnthropicAdaptor(target, requests.Session(), (2, 5))
+    return AnthropicAdaptor(target, UpstreamHTTP(), (2, 5))
 
 
 def chat_call(stream, tools=False, wants_usage=False):
@@ -492,7 +493,7 @@ def test_adaptor_maps_upstream_errors(fake_upstream, model, kind, status, retrya
 def test_adaptor_connect_timeout_and_garbage(fake_upstream):
     dead = Target(1, "a", "anthropic", "http://127.0.0.1:9", "k", "m")
     with pytest.raises(UpstreamFailure) as err:
-        AnthropicAdaptor(dead, requests.Session(), (1, 1)).send(chat_call(False))
+        AnthropicAdaptor(dead, UpstreamHTTP(), (1, 1)).send(chat_call(False))
     assert err.value.kind == "connect"
     slow = adaptor(fake_upstream, "fault-timeout")
     slow.timeout = (2, 0.5)
