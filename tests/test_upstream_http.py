@@ -347,3 +347,16 @@ def test_connect_failures_name_their_kind_not_the_address():
     with pytest.raises(ConnectFailed) as err:
         UpstreamHTTP().post("ftp://10.1.2.3/x", b"", {}, TIMEOUT)
     assert "10.1.2.3" not in str(err.value)
+
+
+def test_each_thread_has_its_own_client_without_gevent_patching():
+    """`flask run` serves from threads: a gevent socket pooled by one thread and reused by
+    another fails with 'Cannot switch to a different thread'."""
+    from blueprints.api.providers import http_client
+    mine = http_client()
+    assert http_client() is mine
+    theirs = []
+    thread = threading.Thread(target=lambda: theirs.append(http_client()))
+    thread.start()
+    thread.join()
+    assert theirs[0] is not mine

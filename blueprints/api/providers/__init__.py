@@ -1,5 +1,8 @@
 """The adaptor registry: one adaptor class per channel type."""
+import threading
+
 from flask import current_app
+from gevent import monkey
 
 from blueprints.api.providers.anthropic import AnthropicAdaptor
 from blueprints.api.providers.base import Limits, Target
@@ -16,11 +19,18 @@ ADAPTORS = {
 }
 
 _http = None
+_http_per_thread = threading.local()
 
 
 def http_client():
-    """The worker's one pooled client for every upstream call (upstream_http.py)."""
+    """The worker's one pooled client for every upstream call (upstream_http.py). Without
+    gevent's patching (`flask run`'s threads, the CLI) each thread has its own: a gevent
+    socket belongs to the thread whose event loop made it."""
     global _http
+    if not monkey.is_module_patched("socket"):
+        if getattr(_http_per_thread, "client", None) is None:
+            _http_per_thread.client = UpstreamHTTP()
+        return _http_per_thread.client
     if _http is None:
         _http = UpstreamHTTP()
     return _http

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
 import certifi
+from gevent import monkey
 from geventhttpclient.connectionpool import ConnectionPool, SSLConnectionPool
 from geventhttpclient.response import (
     HTTPConnectionClosed, HTTPParseError, HTTPSocketPoolResponse,
@@ -31,6 +32,9 @@ from geventhttpclient.response import (
 PIECE = 64 * 1024  # the most bytes one read takes from a socket
 IDLE_PER_ORIGIN = 256  # idle keep-alive connections kept per upstream origin (as requests did)
 CA_BUNDLE_VARIABLES = ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE")
+# The kernel's poll, even under gevent: gevent's turns the event loop for a zero-timeout look
+# (23 µs against 0.3 µs, measured here), on every request that reuses a connection.
+_kernel_poll = monkey.get_original("select", "poll")
 USER_AGENT = "TokenOpen"
 
 
@@ -73,7 +77,7 @@ class UpstreamResponse(HTTPSocketPoolResponse):
 
     def header(self, name, default=None):
         """One header's value (repeated headers joined by ", "), whatever its case."""
-        value = self._headers_index.get(name)
+        value = self.get(name)
         if value is None:
             return default
         return ", ".join(value) if isinstance(value, list) else value
@@ -90,10 +94,9 @@ class UpstreamResponse(HTTPSocketPoolResponse):
             except TimeoutError:
                 self.release()
                 raise ReadTimeout("the upstream went quiet past the read timeout") from None
-            except HTTPParseError:
+            except HTTPParseError:  # cut short, or chunk framing that is not HTTP
                 self.release()
-                raise ConnectionBroken("the upstream closed the connection mid-answer") \
-                    from None
+                raise ConnectionBroken("the upstream's answer broke off") from None
             except OSError as err:
                 self.release()
                 raise ConnectionBroken(type(err).__name__) from None
@@ -103,7 +106,7 @@ class UpstreamResponse(HTTPSocketPoolResponse):
             if not data and not self.message_complete:
                 self.release()
                 raise ConnectionBroken("the upstream closed the connection mid-answer")
-        piece = bytes(self._body_buffer)
+        piece = bytes(self._body_buffer)  # where the parser (geventhttpclient) puts body bytes
         self._body_buffer.clear()
         return piece
 
@@ -188,7 +191,7 @@ def _idle_and_open(sock):
     try:
         if sock.fileno() < 0:
             return False
-        poller = select.poll()
+        poller = _kernel_poll()
         poller.register(sock.fileno(), select.POLLIN | select.POLLHUP | select.POLLERR)
         return not poller.poll(0)
     except (OSError, ValueError):
