@@ -624,3 +624,25 @@ def test_garbage_usage_never_raises(garbage):
     message = dict(fixture_json("anthropic/message_text.json"),
                    usage={"input_tokens": garbage, "output_tokens": garbage})
     json.dumps(convert.anthropic_to_openai_response(message, "c"), allow_nan=False)
+
+
+def test_native_messages_go_out_byte_for_byte_when_nothing_changes():
+    """Same model name upstream, the cap the client asked for: the body is not re-encoded."""
+    from tests.test_upstream_http import ScriptedUpstream, answer
+    message = {"id": "msg_1", "type": "message", "role": "assistant", "model": "claude-up",
+               "content": [{"type": "text", "text": "Hi"}], "stop_reason": "end_turn",
+               "usage": {"input_tokens": 3, "output_tokens": 1}}
+    server = ScriptedUpstream(lambda n, head: (answer(json.dumps(message).encode()), "keep"))
+    try:
+        target = Target(1, "a", "anthropic", server.url(""), "sk-ant-secret", "claude-up")
+        raw = b'{"model":"claude-up",  "max_tokens":5,"messages":[{"role":"user","content":"hi"}]}'
+        call = Call(endpoint="messages", model="claude-up", body=json.loads(raw), raw_body=raw,
+                    content_type="application/json", output_cap=5)
+        reply = AnthropicAdaptor(target, UpstreamHTTP(), (2, 5)).send(call)
+        assert reply.usage.completion_tokens == 1
+        call.output_cap = 4  # a smaller cap reserved: the body changes
+        AnthropicAdaptor(target, UpstreamHTTP(), (2, 5)).send(call)
+        first, second = [body for _, _, body in server.requests]
+        assert first == raw and json.loads(second)["max_tokens"] == 4
+    finally:
+        server.close()

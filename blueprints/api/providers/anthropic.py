@@ -28,9 +28,11 @@ def header_value(headers, name):
 
 
 def post_json(adaptor, url, body, headers, stream):
-    """POST JSON upstream; UpstreamFailure for connect errors, timeouts and non-2xx answers."""
+    """POST JSON upstream (a dict, or bytes already encoded); UpstreamFailure for connect
+    errors and timeouts."""
     headers = dict(headers, **{"Content-Type": "application/json"})
-    return adaptor.http_post(url, json.dumps(body).encode(), headers, stream=stream)
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return adaptor.http_post(url, raw, headers, stream=stream)
 
 
 def read_json(response):
@@ -151,10 +153,15 @@ class AnthropicAdaptor(Adaptor):
     # -- Anthropic Messages in, Anthropic upstream: pass-through -----------------------
 
     def send_messages(self, call):
-        """Anthropic Messages passed through: only the model name changes on the way out."""
-        body = call.json_with(model=self.target.upstream_model)
-        if call.output_cap is not None:
-            body["max_tokens"] = call.output_cap  # the cap the relay reserved for, nothing more
+        """Anthropic Messages passed through: only the model name and the output cap may
+        change on the way out; a body where neither does is sent as received."""
+        changes = {}
+        if call.body.get("model") != self.target.upstream_model:
+            changes["model"] = self.target.upstream_model
+        cap = call.body.get("max_tokens")
+        if call.output_cap is not None and not (type(cap) is int and cap == call.output_cap):
+            changes["max_tokens"] = call.output_cap  # the cap the relay reserved, nothing more
+        body = json.dumps(call.json_with(**changes)).encode() if changes else call.raw_body
         response = self._post(call, body)
         if not call.stream:
             raw = response.content
