@@ -244,11 +244,11 @@ class Adaptor:
             raise UpstreamFailure("connect", f"could not reach upstream: {err}") from None
         except ReadTimeout:
             raise UpstreamFailure("timeout", "upstream did not answer in time") from None
-        except MalformedAnswer as err:
-            raise UpstreamFailure("bad_response", f"upstream answer broke: {err}") from None
+        except MalformedAnswer:
+            raise UpstreamFailure("bad_response", "upstream did not answer in HTTP") from None
         except TransportError as err:
             raise UpstreamFailure("connect", f"could not reach upstream: {err}") from None
-        if response.header("Content-Encoding", "identity").lower() != "identity":
+        if response.header("Content-Encoding", "").lower() not in ("", "identity"):
             response.close()  # asked for identity: a compressed answer is not one we can read
             raise UpstreamFailure("bad_response", "upstream sent a compressed answer")
         if not stream or response.status_code >= 400:
