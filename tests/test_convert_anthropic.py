@@ -14,7 +14,7 @@ from blueprints.api.providers.anthropic import AnthropicAdaptor, parse_event
 from blueprints.api.providers.base import (
     Call, Reply, StreamBroken, Target, UpstreamFailure, Usage, split_sse,
 )
-from blueprints.api.providers.upstream_http import UpstreamHTTP
+from blueprints.api.upstream_http import UpstreamHTTP
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 

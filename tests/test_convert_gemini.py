@@ -14,7 +14,7 @@ from blueprints.api.providers.anthropic import parse_event
 from blueprints.api.providers.base import split_sse
 from blueprints.api.providers.base import Call, StreamBroken, Target, UpstreamFailure, Usage
 from blueprints.api.providers.gemini import GeminiAdaptor
-from blueprints.api.providers.upstream_http import UpstreamHTTP
+from blueprints.api.upstream_http import UpstreamHTTP
 from tests.test_convert_anthropic import fixture_bytes, fixture_json, openai_chunks
 
 

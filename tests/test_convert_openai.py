@@ -15,7 +15,7 @@ from blueprints.api.providers.base import (
 )
 from blueprints.api.providers.mock import MockAdaptor
 from blueprints.api.providers.openai import OpenAIAdaptor, capped_body, read_openai_usage
-from blueprints.api.providers.upstream_http import UpstreamHTTP
+from blueprints.api.upstream_http import UpstreamHTTP
 from tests.test_convert_anthropic import fixture_bytes, fixture_json
 
 

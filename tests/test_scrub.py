@@ -13,7 +13,7 @@ import pytest
 import requests
 
 from blueprints.api.providers.base import Adaptor, StreamBroken, Target, UpstreamFailure
-from blueprints.api.providers.upstream_http import ConnectFailed, ConnectionBroken, UpstreamHTTP
+from blueprints.api.upstream_http import ConnectFailed, ConnectionBroken, UpstreamHTTP
 from blueprints.api.scrub import channel_secrets, scrub_upstream_text, storable_text
 from tests.support import free_port
 

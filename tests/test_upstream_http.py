@@ -1,4 +1,4 @@
-"""blueprints/api/providers/upstream_http.py: the pooled upstream client, over real sockets.
+"""blueprints/api/upstream_http.py: the pooled upstream client, over real sockets.
 
 A scripted HTTP/1.1 server in a thread answers each request as a test tells it to (keep the
 connection, close it, never answer, hang mid-body), and records every connection and request
@@ -18,7 +18,7 @@ import pytest
 
 from blueprints.api.providers.base import Adaptor, Call, Target, UpstreamFailure
 from blueprints.api.providers.openai import OpenAIAdaptor
-from blueprints.api.providers.upstream_http import ConnectFailed, UpstreamHTTP
+from blueprints.api.upstream_http import ConnectFailed, UpstreamHTTP
 from tests.support import free_port
 
 TIMEOUT = (2, 3)  # (connect, read) seconds

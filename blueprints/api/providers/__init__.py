@@ -9,7 +9,7 @@ from blueprints.api.providers.base import Limits, Target
 from blueprints.api.providers.gemini import GeminiAdaptor
 from blueprints.api.providers.mock import MockAdaptor
 from blueprints.api.providers.openai import OpenAIAdaptor
-from blueprints.api.providers.upstream_http import UpstreamHTTP
+from blueprints.api.upstream_http import UpstreamHTTP
 
 ADAPTORS = {
     "openai": OpenAIAdaptor,  # OpenAI and every compatible API: DeepSeek, Qwen, vLLM, Ollama...

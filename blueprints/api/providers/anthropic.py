@@ -13,7 +13,7 @@ from blueprints.api.providers.base import (
     Adaptor, Reply, StreamBroken, UpstreamFailure, broken_stream, sse_data,
 )
 from blueprints.api.providers.openai import upstream_error
-from blueprints.api.providers.upstream_http import ReadTimeout, TransportError
+from blueprints.api.upstream_http import ReadTimeout, TransportError
 
 ANTHROPIC_VERSION = "2023-06-01"
 FORWARDED_HEADERS = ("anthropic-beta",)  # client headers that change what the upstream does

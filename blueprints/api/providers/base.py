@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from blueprints.api.errors import ApiError
-from blueprints.api.providers.upstream_http import (
+from blueprints.api.scrub import scrub_upstream_text
+from blueprints.api.upstream_http import (
     ConnectFailed, MalformedAnswer, ReadTimeout, TransportError,
 )
-from blueprints.api.scrub import scrub_upstream_text
 
 # Endpoint names used by Call.endpoint; an adaptor serves those it has send_<name> for.
 ENDPOINTS = ("chat", "completions", "embeddings", "responses", "images",

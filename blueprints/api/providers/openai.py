@@ -12,7 +12,7 @@ from urllib3 import encode_multipart_formdata
 from blueprints.api.providers.base import (
     Adaptor, Reply, StreamBroken, UpstreamFailure, Usage, broken_stream, sse_data,
 )
-from blueprints.api.providers.upstream_http import TransportError
+from blueprints.api.upstream_http import TransportError
 
 CHAT_CAP_FIELDS = ("max_completion_tokens", "max_tokens")
 # The one output-token limit each endpoint's upstream honours (chat: see chat_cap_field).
