@@ -14,6 +14,7 @@ from blueprints.api.providers.anthropic import AnthropicAdaptor, parse_event
 from blueprints.api.providers.base import (
     Call, Reply, StreamBroken, Target, UpstreamFailure, Usage, split_sse,
 )
+from blueprints.api.upstream_http import UpstreamHTTP
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 
@@ -420,7 +421,7 @@ def adaptor(fake_upstream, model="claude-up", base_suffix=""):
     target = Target(channel_id=1, channel_name="a", type="anthropic",
                     base_url=fake_upstream.url + base_suffix, api_key="sk-ant-secret",
                     upstream_model=model)
-    return AnthropicAdaptor(target, requests.Session(), (2, 5))
+    return AnthropicAdaptor(target, UpstreamHTTP(), (2, 5))
 
 
 def chat_call(stream, tools=False, wants_usage=False):
@@ -492,7 +493,7 @@ def test_adaptor_maps_upstream_errors(fake_upstream, model, kind, status, retrya
 def test_adaptor_connect_timeout_and_garbage(fake_upstream):
     dead = Target(1, "a", "anthropic", "http://127.0.0.1:9", "k", "m")
     with pytest.raises(UpstreamFailure) as err:
-        AnthropicAdaptor(dead, requests.Session(), (1, 1)).send(chat_call(False))
+        AnthropicAdaptor(dead, UpstreamHTTP(), (1, 1)).send(chat_call(False))
     assert err.value.kind == "connect"
     slow = adaptor(fake_upstream, "fault-timeout")
     slow.timeout = (2, 0.5)
@@ -623,3 +624,25 @@ def test_garbage_usage_never_raises(garbage):
     message = dict(fixture_json("anthropic/message_text.json"),
                    usage={"input_tokens": garbage, "output_tokens": garbage})
     json.dumps(convert.anthropic_to_openai_response(message, "c"), allow_nan=False)
+
+
+def test_native_messages_go_out_byte_for_byte_when_nothing_changes():
+    """Same model name upstream, the cap the client asked for: the body is not re-encoded."""
+    from tests.test_upstream_http import ScriptedUpstream, answer
+    message = {"id": "msg_1", "type": "message", "role": "assistant", "model": "claude-up",
+               "content": [{"type": "text", "text": "Hi"}], "stop_reason": "end_turn",
+               "usage": {"input_tokens": 3, "output_tokens": 1}}
+    server = ScriptedUpstream(lambda n, head: (answer(json.dumps(message).encode()), "keep"))
+    try:
+        target = Target(1, "a", "anthropic", server.url(""), "sk-ant-secret", "claude-up")
+        raw = b'{"model":"claude-up",  "max_tokens":5,"messages":[{"role":"user","content":"hi"}]}'
+        call = Call(endpoint="messages", model="claude-up", body=json.loads(raw), raw_body=raw,
+                    content_type="application/json", output_cap=5)
+        reply = AnthropicAdaptor(target, UpstreamHTTP(), (2, 5)).send(call)
+        assert reply.usage.completion_tokens == 1
+        call.output_cap = 4  # a smaller cap reserved: the body changes
+        AnthropicAdaptor(target, UpstreamHTTP(), (2, 5)).send(call)
+        first, second = [body for _, _, body in server.requests]
+        assert first == raw and json.loads(second)["max_tokens"] == 4
+    finally:
+        server.close()

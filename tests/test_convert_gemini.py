@@ -7,7 +7,6 @@ import json
 import struct
 
 import pytest
-import requests
 
 from blueprints.api.errors import ApiError
 from blueprints.api.providers import gemini_convert as convert
@@ -15,6 +14,7 @@ from blueprints.api.providers.anthropic import parse_event
 from blueprints.api.providers.base import split_sse
 from blueprints.api.providers.base import Call, StreamBroken, Target, UpstreamFailure, Usage
 from blueprints.api.providers.gemini import GeminiAdaptor
+from blueprints.api.upstream_http import UpstreamHTTP
 from tests.test_convert_anthropic import fixture_bytes, fixture_json, openai_chunks
 
 
@@ -226,7 +226,7 @@ def adaptor(fake_upstream, model="gemini-up", base_suffix=""):
     target = Target(channel_id=1, channel_name="g", type="gemini",
                     base_url=fake_upstream.url + base_suffix, api_key="gm-secret",
                     upstream_model=model)
-    return GeminiAdaptor(target, requests.Session(), (2, 5))
+    return GeminiAdaptor(target, UpstreamHTTP(), (2, 5))
 
 
 def chat_call(stream, tools=False, wants_usage=True):

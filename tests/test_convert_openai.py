@@ -8,7 +8,6 @@ import json
 import time
 
 import pytest
-import requests
 
 from blueprints.api.providers import openai as adaptor_module
 from blueprints.api.providers.base import (
@@ -16,6 +15,7 @@ from blueprints.api.providers.base import (
 )
 from blueprints.api.providers.mock import MockAdaptor
 from blueprints.api.providers.openai import OpenAIAdaptor, capped_body, read_openai_usage
+from blueprints.api.upstream_http import UpstreamHTTP
 from tests.test_convert_anthropic import fixture_bytes, fixture_json
 
 
@@ -152,14 +152,16 @@ def test_recorded_streams_split_the_same_with_comments_between_events():
 # --- body size cap and stream deadline (every adaptor, base.Adaptor) ----------------------
 
 class FakeResponse:
-    """Just what read_capped / stream_pieces use of a requests.Response."""
+    """Just what read_capped / stream_pieces use of an upstream_http.UpstreamResponse."""
 
     def __init__(self, pieces, headers=None, delay=0):
-        self.pieces, self.headers, self.delay, self.closed = pieces, headers or {}, delay, False
-        self._content = False
+        self._pieces, self.headers, self.delay, self.closed = pieces, headers or {}, delay, False
 
-    def iter_content(self, chunk_size=None):
-        for piece in self.pieces:
+    def header(self, name, default=None):
+        return self.headers.get(name, default)
+
+    def pieces(self):
+        for piece in self._pieces:
             time.sleep(self.delay)
             yield piece
 
@@ -194,7 +196,7 @@ def test_a_body_over_the_cap_is_refused_without_reading_it_whole():
 def make_adaptor(url="http://127.0.0.1:9", model="gpt-up", limits=None):
     target = Target(channel_id=1, channel_name="o", type="openai", base_url=url,
                     api_key="sk-up", upstream_model=model)
-    return OpenAIAdaptor(target, requests.Session(), (2, 5), limits)
+    return OpenAIAdaptor(target, UpstreamHTTP(), (2, 5), limits)
 
 
 def test_a_stream_past_its_deadline_or_size_breaks():

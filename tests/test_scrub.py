@@ -13,7 +13,9 @@ import pytest
 import requests
 
 from blueprints.api.providers.base import Adaptor, StreamBroken, Target, UpstreamFailure
+from blueprints.api.upstream_http import ConnectFailed, ConnectionBroken, UpstreamHTTP
 from blueprints.api.scrub import channel_secrets, scrub_upstream_text, storable_text
+from tests.support import free_port
 
 UPSTREAM_KEY = "sk-UPSTREAM-3f9c2a7b1e5d4c8a9b0f"
 
@@ -71,29 +73,40 @@ def test_upstream_failures_and_stream_breaks_are_scrubbed_when_made():
     assert UPSTREAM_KEY not in str(StreamBroken(f"auth failed: {UPSTREAM_KEY}"))
 
 
-class RaisingSession:
-    """A requests.Session stand-in whose post raises what urllib3 raises on a dead host."""
+class RaisingClient:
+    """An upstream_http.UpstreamHTTP stand-in whose post raises a transport error chained to
+    a socket error that names the host, as a resolver or proxy may."""
 
     def __init__(self, error):
         self.error = error
 
-    def post(self, url, **kwargs):
-        raise self.error
+    def post(self, url, body, headers, timeout):
+        raise self.error from OSError("[Errno 111] Connection refused: 10.9.8.7:8443")
 
 
 @pytest.mark.parametrize("error", [
-    requests.ConnectTimeout("HTTPConnectionPool(host='10.9.8.7', port=8443): Max retries "
-                            "exceeded with url: /v1/chat/completions (connect timeout=5)"),
-    requests.ConnectionError("HTTPConnectionPool(host='10.9.8.7', port=8443): refused"),
+    ConnectFailed("connect timeout", timed_out=True), ConnectFailed("ConnectionRefusedError"),
+    ConnectionBroken("ConnectionResetError"),
 ])
 def test_transport_errors_do_not_name_the_upstream(error):
     target = Target(1, "c", "openai", "http://10.9.8.7:8443", UPSTREAM_KEY, "m")
-    adaptor = Adaptor(target, RaisingSession(error), (1, 1))
+    adaptor = Adaptor(target, RaisingClient(error), (1, 1))
     with pytest.raises(UpstreamFailure) as caught:
-        adaptor.http_post("http://10.9.8.7:8443/v1/chat/completions")
+        adaptor.http_post("http://10.9.8.7:8443/v1/chat/completions", b"{}", {})
     assert caught.value.kind == "connect"
-    for leak in ("10.9.8.7", "8443", "/v1/chat", "HTTPConnectionPool"):
+    for leak in ("10.9.8.7", "8443", "/v1/chat"):
         assert leak not in caught.value.message
+
+
+def test_a_refused_connection_does_not_name_the_upstream():
+    """The real client against a port nobody listens on."""
+    port = free_port()
+    target = Target(1, "c", "openai", f"http://127.0.0.1:{port}", UPSTREAM_KEY, "m")
+    adaptor = Adaptor(target, UpstreamHTTP(), (1, 1))
+    with pytest.raises(UpstreamFailure) as caught:
+        adaptor.http_post(f"http://127.0.0.1:{port}/v1/chat/completions", b"{}", {})
+    assert caught.value.kind == "connect"
+    assert "127.0.0.1" not in caught.value.message and str(port) not in caught.value.message
 
 
 def test_admin_channel_test_uses_the_same_scrubber(app, fake_upstream):

@@ -4,8 +4,6 @@ import re
 import time
 from urllib.parse import urlsplit
 
-import requests
-
 from blueprints.api.errors import ApiError
 from blueprints.api.scrub import channel_secrets, scrub_upstream_text
 from encryption import SecretUnreadable
@@ -103,17 +101,20 @@ CAUSES = (  # what the socket said -> what an admin can act on
 
 def _transport_error(channel, err):
     """'Could not connect to api.example.com:443: connection refused ...': the host the admin
-    configured and the cause, from the requests exception the adaptor chained."""
+    configured and the cause, from the socket error behind the adaptor's failure."""
     parts = urlsplit(channel.base_url or "")
     host = parts.hostname or "the upstream"
     port = parts.port or {"https": 443, "http": 80}.get(parts.scheme)
     where = f"{host}:{port}" if port else host
-    original = err.__context__
+    original = err.__context__  # the transport's error; its own cause is the socket's
+    while original is not None and original.__cause__ is not None:
+        original = original.__cause__
     detail = f"{type(original).__name__}: {original}" if original is not None else err.message
     cause = next((text for pattern, text in CAUSES if pattern.search(detail)), None)
     if cause is None:
         cause = type(original).__name__ if original is not None else err.message
-    if err.kind == "timeout" or isinstance(original, requests.Timeout):
+    if err.kind == "timeout" or isinstance(original, TimeoutError) \
+            or getattr(err.__context__, "timed_out", False):
         cause = "no answer in time"
     return f"Could not connect to {where} ({channel.base_url}): {cause}."
 

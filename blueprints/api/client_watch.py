@@ -3,7 +3,7 @@
 Under gunicorn's gevent worker the client's socket is `environ["gunicorn.socket"]`.
 The wait runs in a greenlet of its own while this one polls that socket: readable
 with nothing to read means the client closed it, and the wait is killed, which
-closes the upstream connection it was reading (urllib3 drops an interrupted one).
+closes the upstream connection it was reading (upstream_http never pools an interrupted one).
 """
 import contextvars
 import select

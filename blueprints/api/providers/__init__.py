@@ -1,14 +1,15 @@
 """The adaptor registry: one adaptor class per channel type."""
-import os
+import threading
 
-import requests
 from flask import current_app
+from gevent import monkey
 
 from blueprints.api.providers.anthropic import AnthropicAdaptor
 from blueprints.api.providers.base import Limits, Target
 from blueprints.api.providers.gemini import GeminiAdaptor
 from blueprints.api.providers.mock import MockAdaptor
 from blueprints.api.providers.openai import OpenAIAdaptor
+from blueprints.api.upstream_http import UpstreamHTTP
 
 ADAPTORS = {
     "openai": OpenAIAdaptor,  # OpenAI and every compatible API: DeepSeek, Qwen, vLLM, Ollama...
@@ -18,26 +19,20 @@ ADAPTORS = {
 }
 
 _http = None
-PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY",
-                   "all_proxy")
-CA_BUNDLE_VARIABLES = ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE")
+_http_per_thread = threading.local()
 
 
-def http_session():
-    """The worker's one pooled requests.Session for every upstream call."""
+def http_client():
+    """The worker's one pooled client for every upstream call (upstream_http.py). Without
+    gevent's patching (`flask run`'s threads, the CLI) each thread has its own: a gevent
+    socket belongs to the thread whose event loop made it."""
     global _http
+    if not monkey.is_module_patched("socket"):
+        if getattr(_http_per_thread, "client", None) is None:
+            _http_per_thread.client = UpstreamHTTP()
+        return _http_per_thread.client
     if _http is None:
-        session = requests.Session()
-        # requests re-reads the environment on every call (~0.4 ms) when trust_env is on:
-        # only pay that when a proxy is configured; a CA bundle is read once, here.
-        session.trust_env = any(os.environ.get(name) for name in PROXY_VARIABLES)
-        bundle = next((os.environ[n] for n in CA_BUNDLE_VARIABLES if os.environ.get(n)), None)
-        if bundle:
-            session.verify = bundle
-        adapter = requests.adapters.HTTPAdapter(pool_connections=32, pool_maxsize=256)
-        session.mount("http://", adapter)
-        session.mount("https://", adapter)
-        _http = session
+        _http = UpstreamHTTP()
     return _http
 
 
@@ -57,7 +52,7 @@ def limits():
 
 def build_adaptor(target):
     """The adaptor for a Target (a channel plus the upstream model name)."""
-    return ADAPTORS[target.type](target, http_session(), timeouts(), limits())
+    return ADAPTORS[target.type](target, http_client(), timeouts(), limits())
 
 
 def adaptor_for(channel, public_model=None):

@@ -5,8 +5,6 @@ pass through untouched except for the model name, events forwarded as they arriv
 """
 import json
 
-import requests
-
 from blueprints.api.providers.anthropic_convert import (
     AnthropicUsageTracker, anthropic_stream_to_openai, anthropic_to_openai_response,
     openai_to_anthropic_request,
@@ -15,6 +13,7 @@ from blueprints.api.providers.base import (
     Adaptor, Reply, StreamBroken, UpstreamFailure, broken_stream, sse_data,
 )
 from blueprints.api.providers.openai import upstream_error
+from blueprints.api.upstream_http import ReadTimeout, TransportError
 
 ANTHROPIC_VERSION = "2023-06-01"
 FORWARDED_HEADERS = ("anthropic-beta",)  # client headers that change what the upstream does
@@ -29,16 +28,18 @@ def header_value(headers, name):
 
 
 def post_json(adaptor, url, body, headers, stream):
-    """POST JSON upstream; UpstreamFailure for connect errors, timeouts and non-2xx answers."""
+    """POST JSON upstream (a dict, or bytes already encoded); UpstreamFailure for connect
+    errors and timeouts."""
     headers = dict(headers, **{"Content-Type": "application/json"})
-    return adaptor.http_post(url, data=json.dumps(body).encode(), headers=headers, stream=stream)
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return adaptor.http_post(url, raw, headers, stream=stream)
 
 
 def read_json(response):
     """The JSON body of a 2xx answer, or UpstreamFailure("bad_response")."""
     try:
         payload = json.loads(response.content)
-    except (ValueError, requests.RequestException):
+    except ValueError:
         raise UpstreamFailure("bad_response", "upstream sent a body that is not JSON") from None
     finally:
         response.close()
@@ -56,9 +57,9 @@ def first_then_rest(events):
         first = next(events, None)
     except StreamBroken as err:  # the deadline or the size cap, before any byte went out
         raise UpstreamFailure("bad_response", str(err)) from None
-    except requests.Timeout:
+    except ReadTimeout:
         raise UpstreamFailure("timeout", "upstream did not start the stream in time") from None
-    except (requests.RequestException, OSError) as err:
+    except (TransportError, OSError) as err:
         raise UpstreamFailure("connect", f"upstream stream failed: {type(err).__name__}") \
             from None
 
@@ -67,7 +68,7 @@ def first_then_rest(events):
             yield first
         try:
             yield from events
-        except (requests.RequestException, OSError) as err:
+        except (TransportError, OSError) as err:
             raise broken_stream(err) from None
     return first, chained()
 
@@ -152,10 +153,15 @@ class AnthropicAdaptor(Adaptor):
     # -- Anthropic Messages in, Anthropic upstream: pass-through -----------------------
 
     def send_messages(self, call):
-        """Anthropic Messages passed through: only the model name changes on the way out."""
-        body = call.json_with(model=self.target.upstream_model)
-        if call.output_cap is not None:
-            body["max_tokens"] = call.output_cap  # the cap the relay reserved for, nothing more
+        """Anthropic Messages passed through: only the model name and the output cap may
+        change on the way out; a body where neither does is sent as received."""
+        changes = {}
+        if call.body.get("model") != self.target.upstream_model:
+            changes["model"] = self.target.upstream_model
+        cap = call.body.get("max_tokens")
+        if call.output_cap is not None and not (type(cap) is int and cap == call.output_cap):
+            changes["max_tokens"] = call.output_cap  # the cap the relay reserved, nothing more
+        body = json.dumps(call.json_with(**changes)).encode() if changes else call.raw_body
         response = self._post(call, body)
         if not call.stream:
             raw = response.content

@@ -17,10 +17,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
-import requests
-
 from blueprints.api.errors import ApiError
 from blueprints.api.scrub import scrub_upstream_text
+from blueprints.api.upstream_http import (
+    ConnectFailed, MalformedAnswer, ReadTimeout, TransportError,
+)
 
 # Endpoint names used by Call.endpoint; an adaptor serves those it has send_<name> for.
 ENDPOINTS = ("chat", "completions", "embeddings", "responses", "images",
@@ -162,8 +163,9 @@ class StreamBroken(Exception):
 
 def broken_stream(err):
     """StreamBroken for a transport error raised while reading an upstream stream."""
-    timed_out = isinstance(err, requests.Timeout) or "ReadTimeout" in repr(err)
-    reason = "went quiet for too long" if timed_out else f"broke: {type(err).__name__}"
+    timed_out = isinstance(err, ReadTimeout)
+    detail = err if isinstance(err, TransportError) else type(err).__name__  # words, no address
+    reason = "went quiet for too long" if timed_out else f"broke: {detail}"
     return StreamBroken(f"upstream connection {reason}", timeout=timed_out)
 
 
@@ -208,7 +210,7 @@ class Adaptor:
 
     def __init__(self, target, http, timeout, limits=None):
         self.target = target
-        self.http = http  # the worker's pooled requests.Session
+        self.http = http  # the worker's pooled client (upstream_http.UpstreamHTTP)
         self.timeout = timeout  # (connect seconds, read seconds)
         self.limits = limits or Limits()
         self.started = time.monotonic()  # reset by send(): the stream deadline counts from it
@@ -225,36 +227,43 @@ class Adaptor:
 
     # Helpers for subclasses ------------------------------------------------------------
 
-    def http_post(self, url, *, stream=False, **kwargs):
-        """POST with the worker's pooled session; transport failures become UpstreamFailure.
+    def http_post(self, url, body, headers, *, stream=False):
+        """POST `body` (bytes) with the worker's pooled client; transport failures become
+        UpstreamFailure.
 
-        The body is always fetched lazily: a non-stream answer (and any error answer) is read
-        here up to the size cap, so `.content` / `.json()` work as usual afterwards and an
-        oversized body is never buffered whole.
+        A non-stream answer (and any error answer) is read here up to the size cap into
+        `.content`; a stream's body is left to `stream_pieces`. An oversized body is never
+        buffered whole.
         """
         try:
-            response = self.http.post(url, stream=True, timeout=self.timeout, **kwargs)
-        except requests.ConnectTimeout:
-            # never str(err): it names our upstream's host, port and path
-            raise UpstreamFailure("connect", "could not connect to upstream: connect timeout") \
-                from None
-        except requests.Timeout:
+            response = self.http.post(url, body, headers, self.timeout)
+        except ConnectFailed as err:  # its text never names our upstream's host or port
+            if err.timed_out:
+                raise UpstreamFailure("connect", "could not connect to upstream: connect "
+                                      "timeout") from None
+            raise UpstreamFailure("connect", f"could not reach upstream: {err}") from None
+        except ReadTimeout:
             raise UpstreamFailure("timeout", "upstream did not answer in time") from None
-        except requests.RequestException as err:
-            raise UpstreamFailure("connect", f"could not reach upstream: {type(err).__name__}") \
-                from None
+        except MalformedAnswer:
+            raise UpstreamFailure("bad_response", "upstream did not answer in HTTP") from None
+        except TransportError as err:
+            raise UpstreamFailure("connect", f"could not reach upstream: {err}") from None
+        if response.header("Content-Encoding", "").lower() not in ("", "identity"):
+            response.close()  # asked for identity: a compressed answer is not one we can read
+            raise UpstreamFailure("bad_response", "upstream sent a compressed answer")
         if not stream or response.status_code >= 400:
             read_capped(response, self.limits.response_bytes,
                         self.started + self.limits.stream_seconds)
         return response
 
-    def stream_pieces(self, response, chunk_size=None) -> Iterator[bytes]:
-        """The upstream stream's byte pieces, ended by StreamBroken past the stream deadline
-        or the response size cap (a read that blocks is bounded by the read timeout)."""
+    def stream_pieces(self, response) -> Iterator[bytes]:
+        """The upstream stream's byte pieces as they arrive, ended by StreamBroken past the
+        stream deadline or the response size cap (a read that blocks is bounded by the read
+        timeout, a ReadTimeout)."""
         deadline = self.started + self.limits.stream_seconds
         cap = self.limits.response_bytes
         total = 0
-        for piece in response.iter_content(chunk_size=chunk_size):
+        for piece in response.pieces():
             total += len(piece)
             if total > cap:
                 response.close()
@@ -277,43 +286,32 @@ class Adaptor:
         return f"{base}/{version}/{path.lstrip('/')}"
 
 
-READ_PIECE = 64 * 1024
-
-
 def read_capped(response, cap, deadline=None):
-    """Read a whole upstream body, at most `cap` bytes; more is UpstreamFailure (502), and so
-    is a body still arriving after `deadline` (time.monotonic()).
-
-    The bytes are stored where requests keeps a body it read itself, so `.content`, `.text`
-    and `.json()` work on the response afterwards.
-    """
+    """Read a whole upstream body into `response.content`, at most `cap` bytes; more is
+    UpstreamFailure (502), and so is a body still arriving after `deadline`
+    (time.monotonic()). The connection goes back to the pool once the body has ended."""
     too_large = UpstreamFailure("bad_response", "upstream response too large")
-    declared = response.headers.get("Content-Length", "")
+    declared = response.header("Content-Length", "")
     if declared.isdigit() and int(declared) > cap:
         response.close()
         raise too_large
     body = bytearray()
     try:
-        for piece in response.iter_content(READ_PIECE):
+        for piece in response.pieces():
             body += piece
             if len(body) > cap:
+                response.close()
                 raise too_large
             if deadline is not None and time.monotonic() > deadline:
                 response.close()
                 raise UpstreamFailure("timeout", "upstream answer took longer than the "
                                       "stream deadline")
-    except requests.RequestException as err:
-        if "ReadTimeout" in repr(err) or isinstance(err, requests.Timeout):
-            raise UpstreamFailure("timeout", "upstream did not finish its answer in time") \
-                from None
-        raise UpstreamFailure("connect", f"upstream answer broke: {type(err).__name__}") \
-            from None
-    finally:
-        if len(body) > cap:
-            response.close()
-    response._content = bytes(body)
-    response._content_consumed = True
-    return response._content
+    except ReadTimeout:
+        raise UpstreamFailure("timeout", "upstream did not finish its answer in time") from None
+    except TransportError as err:
+        raise UpstreamFailure("connect", f"upstream answer broke: {err}") from None
+    response.content = bytes(body)
+    return response.content
 
 
 def split_sse(pieces) -> Iterator[bytes]:
@@ -359,12 +357,6 @@ def _clean_event(event):
     if not any(line.startswith(b"data:") or line == b"data" for line in event.split(b"\n")):
         return None
     return event.strip(b"\n")
-
-
-def sse_events(response, chunk_size=None) -> Iterator[bytes]:
-    """Whole SSE events from an upstream `requests` response, as they arrive (no limits:
-    adaptors use Adaptor.sse_events)."""
-    return split_sse(response.iter_content(chunk_size=chunk_size))
 
 
 def sse_data(event: bytes):

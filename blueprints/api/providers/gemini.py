@@ -37,7 +37,7 @@ def gemini_error(response):
     finally:
         response.close()
     return UpstreamFailure("status", message, status=response.status_code,
-                           retry_after=response.headers.get("Retry-After"),
+                           retry_after=response.header("Retry-After"),
                            error_type=ERROR_TYPES.get(status_name), error_code=status_name)
 
 

@@ -7,13 +7,13 @@ except the usage chunk the gateway asked for and the client did not.
 import json
 from urllib.parse import urlparse
 
-import requests
+from urllib3 import encode_multipart_formdata
 
 from blueprints.api.providers.base import (
     Adaptor, Reply, StreamBroken, UpstreamFailure, Usage, broken_stream, sse_data,
 )
+from blueprints.api.upstream_http import TransportError
 
-AUDIO_CHUNK = 16 * 1024
 CHAT_CAP_FIELDS = ("max_completion_tokens", "max_tokens")
 # The one output-token limit each endpoint's upstream honours (chat: see chat_cap_field).
 CAP_FIELD = {"completions": "max_tokens", "responses": "max_output_tokens"}
@@ -88,7 +88,7 @@ def upstream_error(response):
     finally:
         response.close()
     return UpstreamFailure("status", message, status=response.status_code,
-                           retry_after=response.headers.get("Retry-After"),
+                           retry_after=response.header("Retry-After"),
                            error_type=error_type, error_code=code)
 
 
@@ -103,10 +103,10 @@ class OpenAIAdaptor(Adaptor):
             headers["Content-Type"] = content_type
         return headers
 
-    def post(self, path, *, data=None, files=None, stream=False, content_type="application/json"):
+    def post(self, path, body, *, stream=False, content_type="application/json"):
         """POST to the upstream; UpstreamFailure for anything but a 2xx answer."""
-        response = self.http_post(self.url(path), data=data, files=files, stream=stream,
-                                  headers=self._headers(None if files else content_type))
+        response = self.http_post(self.url(path), body, self._headers(content_type),
+                                  stream=stream)
         if response.status_code >= 400:
             raise upstream_error(response)
         return response
@@ -130,7 +130,7 @@ class OpenAIAdaptor(Adaptor):
         body = response.content
         usage = Usage()
         reply = Reply(status=response.status_code,
-                      content_type=response.headers.get("Content-Type", "application/json"),
+                      content_type=response.header("Content-Type", "application/json"),
                       body=body, usage=usage)
         try:
             payload = json.loads(body)
@@ -155,13 +155,12 @@ class OpenAIAdaptor(Adaptor):
 
     def _text_generation(self, call, path, whole_texts, delta_texts):
         if not call.stream:
-            response = self.post(path, data=self._json_body(call))
+            response = self.post(path, self._json_body(call))
             return self._whole(response, read_openai_usage, whole_texts)
         options = call.body.get("stream_options")
         options = dict(options) if isinstance(options, dict) else {}
         options["include_usage"] = True  # we always meter; hidden again if the client did not ask
-        response = self.post(path, data=self._json_body(call, stream_options=options),
-                             stream=True)
+        response = self.post(path, self._json_body(call, stream_options=options), stream=True)
         reply = Reply(status=200, content_type="text/event-stream", close=response.close)
         reply._chunks = self._relay_chat_stream(response, reply, call.wants_usage, delta_texts)
         return reply
@@ -195,16 +194,16 @@ class OpenAIAdaptor(Adaptor):
                         event = b"data: " + json.dumps(chunk).encode()
                 reply.output_text.extend(delta_texts(chunk))
                 yield event + b"\n\n"
-        except (requests.RequestException, OSError) as err:
+        except (TransportError, OSError) as err:
             raise broken_stream(err) from None
         if not done:
             raise StreamBroken("upstream closed the stream before it finished")
 
     def send_responses(self, call):
         if not call.stream:
-            response = self.post("responses", data=self._json_body(call))
+            response = self.post("responses", self._json_body(call))
             return self._whole(response, read_openai_usage, responses_texts)
-        response = self.post("responses", data=self._json_body(call), stream=True)
+        response = self.post("responses", self._json_body(call), stream=True)
         reply = Reply(status=200, content_type="text/event-stream", close=response.close)
         reply._chunks = self._relay_responses_stream(response, reply)
         return reply
@@ -235,17 +234,17 @@ class OpenAIAdaptor(Adaptor):
                         raise StreamBroken(str(payload.get("message")
                                                or "upstream stream error"))
                 yield event + b"\n\n"
-        except (requests.RequestException, OSError) as err:
+        except (TransportError, OSError) as err:
             raise broken_stream(err) from None
         if not finished:
             raise StreamBroken("upstream closed the stream before it finished")
 
     def send_embeddings(self, call):
-        response = self.post("embeddings", data=self._json_body(call))
+        response = self.post("embeddings", self._json_body(call))
         return self._whole(response, read_openai_usage)
 
     def send_images(self, call):
-        response = self.post("images/generations", data=self._json_body(call))
+        response = self.post("images/generations", self._json_body(call))
         reply = self._whole(response, read_openai_usage)
         data = json.loads(reply.body).get("data")
         # Every model's images are counted from `data` (gpt-image also reports tokens); the
@@ -255,14 +254,14 @@ class OpenAIAdaptor(Adaptor):
 
     def send_audio_speech(self, call):
         """Binary audio, streamed through as it is synthesised."""
-        response = self.post("audio/speech", data=self._json_body(call), stream=True)
-        reply = Reply(status=200, content_type=response.headers.get("Content-Type", "audio/mpeg"),
+        response = self.post("audio/speech", self._json_body(call), stream=True)
+        reply = Reply(status=200, content_type=response.header("Content-Type", "audio/mpeg"),
                       close=response.close)
 
         def audio():
             try:
-                yield from self.stream_pieces(response, AUDIO_CHUNK)
-            except (requests.RequestException, OSError) as err:
+                yield from self.stream_pieces(response)
+            except (TransportError, OSError) as err:
                 raise broken_stream(err) from None
         reply._chunks = audio()
         return reply
@@ -277,9 +276,11 @@ class OpenAIAdaptor(Adaptor):
         """Multipart re-sent with the upstream model name; the answer may be JSON or text."""
         fields = dict(call.form)
         fields["model"] = self.target.upstream_model
-        files = [(name, (filename, content, ctype)) for name, filename, content, ctype in call.files]
-        response = self.post(path, data=fields, files=files)
-        ctype = response.headers.get("Content-Type", "application/json")
+        parts = list(fields.items()) + [(name, (filename, content, ctype))
+                                        for name, filename, content, ctype in call.files]
+        body, content_type = encode_multipart_formdata(parts)
+        response = self.post(path, body, content_type=content_type)
+        ctype = response.header("Content-Type", "application/json")
         reply = Reply(status=response.status_code, content_type=ctype, body=response.content)
         if ctype.startswith("application/json"):
             try:
