@@ -4,8 +4,6 @@ import re
 import time
 from urllib.parse import urlsplit
 
-import requests
-
 from blueprints.api.errors import ApiError
 from blueprints.api.scrub import channel_secrets, scrub_upstream_text
 from encryption import SecretUnreadable
@@ -113,6 +111,7 @@ def _transport_error(channel, err):
     cause = next((text for pattern, text in CAUSES if pattern.search(detail)), None)
     if cause is None:
         cause = type(original).__name__ if original is not None else err.message
+    import requests  # here, not at the top: every CLI start imports this module
     if err.kind == "timeout" or isinstance(original, requests.Timeout):
         cause = "no answer in time"
     return f"Could not connect to {where} ({channel.base_url}): {cause}."
