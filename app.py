@@ -17,7 +17,7 @@ def create_app(test_config=None, web=True):
     """Build the app: defaults from the environment, then `test_config` overrides.
 
     web=False builds only what the admin CLI needs (config, database, commands), without
-    the console, the API and their extensions: `python -m cli` starts in half the time."""
+    the console, the API and their extensions: `python -m cli` starts ~0.15 s sooner."""
     app = Flask(__name__, instance_relative_config=True)
     app.config.from_mapping(load_config(app.instance_path))
     if test_config:

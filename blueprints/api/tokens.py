@@ -5,10 +5,9 @@ slices of a few milliseconds each (yielding to other greenlets between them), te
 EXACT_LIMIT characters is estimated from its UTF-8 size, and any tokenizer error falls
 back to that estimate.
 
-The tokenizer costs a worker ~135 MB and 0.5 s to load, so it is loaded only when an exact
-count is needed: a reply without usage, /v1/messages/count_tokens, a hold for a prompt past
-RESERVE_BOUND_BYTES. A request's hold and TPM admission and a live stream's checkpoints use
-the byte figures below, which need no tables.
+The tokenizer costs a worker ~135 MB and 0.5 s to load, so it is loaded on first need (a
+reply without usage, a stream's checkpoint, /v1/messages/count_tokens, a prompt longer than
+RESERVE_BOUND_BYTES), not at start; the hold and TPM admission of a short prompt need none.
 """
 import math
 import threading
@@ -17,7 +16,7 @@ import threading
 TOKENS_PER_MESSAGE = 3
 SLICE_CHARS = 10_000  # ~1 ms of encoding; bpe-openai refuses 1M characters in one call
 EXACT_LIMIT = 1_000_000  # characters counted exactly; longer text is estimated from bytes
-BYTES_PER_TOKEN = 3  # a conservative estimate: English runs ~4, CJK ~3 bytes per token
+BYTES_PER_TOKEN = 3  # over-counts natural text (3.4-4.4 bytes a token), not random strings
 ESTIMATE_SLICE = 250_000  # characters measured between two yields when estimating
 # Up to this many UTF-8 bytes of prompt text a hold reserves one token per byte (a bound that
 # needs no tokenizer); past it, the exact count. So a hold is never below the exact count and
