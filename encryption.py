@@ -8,10 +8,10 @@ encryption existed (plain text) still read back as they are until they are re-en
 import base64
 import binascii
 
-from cryptography.fernet import Fernet, InvalidToken, MultiFernet
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from flask import current_app
+
+# cryptography is imported where a key is built or used, not here: loading it costs an admin
+# CLI start 0.06 s, and most commands never touch an upstream key.
 
 TOKEN_VERSION = 0x80  # the first byte of every Fernet token ("gAAAAA..." in base64)
 _HKDF_SALT = b"tokenopen"
@@ -24,6 +24,8 @@ class SecretUnreadable(ValueError):
 
 def derived_key(secret_key):
     """The Fernet key HKDF-SHA256 derives from the app's secret key."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
     raw = secret_key.encode() if isinstance(secret_key, str) else bytes(secret_key)
     hkdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=_HKDF_SALT, info=_HKDF_INFO)
     return base64.urlsafe_b64encode(hkdf.derive(raw))
@@ -31,6 +33,7 @@ def derived_key(secret_key):
 
 def configured_keys(encryption_key, secret_key):
     """The Fernet keys in use, the encrypting one first. ValueError names a malformed entry."""
+    from cryptography.fernet import Fernet
     keys = []
     for number, text in enumerate((encryption_key or "").split(","), 1):
         text = text.strip()
@@ -52,6 +55,8 @@ class SecretBox:
     """Encrypts with the first key, decrypts with any; knows plain text from a token."""
 
     def __init__(self, keys):
+        from cryptography.fernet import Fernet, InvalidToken, MultiFernet
+        self._invalid = InvalidToken
         self.primary = Fernet(keys[0])
         self.fernet = MultiFernet([Fernet(k) for k in keys])
         # token -> plain text: the routing cache reloads channels every CACHE_TTL seconds,
@@ -70,7 +75,7 @@ class SecretBox:
                 return stored or ""
             try:
                 plain = self.fernet.decrypt(stored.encode()).decode()
-            except InvalidToken:
+            except self._invalid:
                 raise SecretUnreadable(
                     "a stored secret cannot be decrypted with TOKENOPEN_ENCRYPTION_KEY or the "
                     "secret key (was one changed without `flask --app app channels reencrypt`?)"
@@ -88,7 +93,7 @@ class SecretBox:
             return False
         try:
             self.primary.decrypt(stored.encode())
-        except InvalidToken:
+        except self._invalid:
             return False
         return True
 

@@ -4,11 +4,8 @@ from datetime import datetime, timedelta, timezone
 
 import flask_login
 from flask import current_app, session
-from flask_limiter import Limiter
-from flask_limiter.util import get_remote_address
 from flask_login.utils import encode_cookie
 from flask_sqlalchemy import SQLAlchemy
-from flask_wtf.csrf import CSRFProtect
 from sqlalchemy.orm import DeclarativeBase
 
 
@@ -44,10 +41,24 @@ class LoginManager(flask_login.LoginManager):
 
 db = SQLAlchemy(model_class=Base)
 login_manager = LoginManager()
-csrf = CSRFProtect()
-# No default limits: the gateway applies per-user/per-key limits itself and
-# console routes opt in (login brute-force limiting).
-limiter = Limiter(key_func=get_remote_address, default_limits=[])
+
+
+def __getattr__(name):
+    """`limiter` and `csrf` are made on first import, by the web app: Flask-Limiter with its
+    storage backends and Flask-WTF with WTForms cost every admin CLI start ~0.1 s, and the
+    CLI neither limits nor posts forms."""
+    if name == "limiter":
+        from flask_limiter import Limiter
+        from flask_limiter.util import get_remote_address
+        # No default limits: the gateway applies per-user/per-key limits itself and
+        # console routes opt in (login brute-force limiting).
+        globals()["limiter"] = Limiter(key_func=get_remote_address, default_limits=[])
+    elif name == "csrf":
+        from flask_wtf.csrf import CSRFProtect
+        globals()["csrf"] = CSRFProtect()
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return globals()[name]
 
 
 def bind_migrations(app):

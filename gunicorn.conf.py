@@ -21,13 +21,11 @@ errorlog = "-"
 
 
 def post_worker_init(worker):
-    """Each worker loads its tokenizer, then runs a hold keeper: checkpoints its streams, renews
-    its leases, retries settlements a database error held back, settles holds of dead workers,
-    drains on SIGTERM."""
+    """Each worker runs a hold keeper: checkpoints its streams, renews its leases, retries
+    settlements a database error held back, settles holds of dead workers, drains on SIGTERM.
+    (The tokenizer is not loaded here: blueprints/api/tokens.py loads it on first need.)"""
     from blueprints.api.inflight import start_keeper
     from blueprints.api.relay import delivered_so_far
-    from blueprints.api.tokens import warm
-    warm()  # load the tokenizer now: loading it mid-request stalls every stream
     start_keeper(worker.wsgi, delivered_so_far, worker)
     from retention import start_pruner
     start_pruner(worker.wsgi)

@@ -10,14 +10,12 @@ import os
 import threading
 import time
 
-import redis
 from flask import current_app, has_app_context
 
 SOCKET_TIMEOUT = 0.5  # seconds; Redis answers in well under a millisecond when healthy
 SKIP_AFTER_FAILURE = 1.0  # seconds Redis is not tried after a failure
 LOG_EVERY = 60  # seconds between two "Redis unreachable" lines
 
-ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
 log = logging.getLogger("tokenopen.redis")
 
 
@@ -46,6 +44,7 @@ def client(url=None):
         with _lock:
             found = _clients.get(key)
             if found is None:
+                import redis  # only once a Redis is set: the CLI and Redis-less nodes skip it
                 found = redis.Redis.from_url(url, socket_timeout=SOCKET_TIMEOUT,
                                              socket_connect_timeout=SOCKET_TIMEOUT,
                                              health_check_interval=30)
@@ -62,7 +61,7 @@ def run(command, url=None):
         raise Unavailable("Redis is unreachable")
     try:
         result = command(conn)
-    except ERRORS as err:
+    except errors() as err:
         note_failure(err)
         raise Unavailable(str(err)) from None
     if _state["down_since"] is not None:
@@ -70,6 +69,12 @@ def run(command, url=None):
               "limits are exact again")
         _state["down_since"] = None
     return result
+
+
+def errors():
+    """What a lost Redis raises (the redis module is loaded by then: a client exists)."""
+    import redis
+    return (redis.ConnectionError, redis.TimeoutError, OSError)
 
 
 def note_failure(err):

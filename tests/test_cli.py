@@ -503,3 +503,52 @@ def test_concurrency_on_groups_and_keys(app, runner):
         key = db.session.scalar(db.select(ApiKey))
         assert (key.tpm, key.concurrency, key.rpm) == (1000, 3, 0)  # only what was given changed
         assert db.session.scalar(db.select(Group).filter_by(name="team")).concurrency == 4
+
+
+# --- `python -m cli`: the same commands without the flask command's start-up cost ----------
+
+def admin_cli(db_url, *args, entry=("-m", "cli"), check=True, **env):
+    """Run `python -m cli ARGS` (or another entry point) against `db_url`."""
+    environ = {k: v for k, v in os.environ.items()
+               if not k.startswith("TOKENOPEN_ADMIN_") and k != "TOKENOPEN_REDIS_URL"}
+    environ.update({"TOKENOPEN_DATABASE_URL": db_url, "TOKENOPEN_SECRET_KEY": "cli-test"}, **env)
+    result = subprocess.run([PYTHON, *entry, *args], cwd=ROOT, env=environ,
+                            capture_output=True, text=True, timeout=120)
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+def test_python_m_cli_runs_the_commands_flask_runs(tmp_path):
+    db_url = f"sqlite:///{tmp_path}/fast.db"
+    flask = ("-m", "flask", "--app", "app")
+    assert "Created admin admin@localhost" in admin_cli(db_url, "bootstrap").stdout
+    admin_cli(db_url, "users", "create", "ann@example.com", "--password", "password123")
+    admin_cli(db_url, "credits", "grant", "ann@example.com", "12.5")
+    admin_cli(db_url, "channels", "add", "up", "--type", "openai",
+              "--base-url", "https://api.example.com", "--api-key", "sk-upstream-secret",
+              "--models", "gpt-4o-mini")
+    admin_cli(db_url, "prices", "set", "gpt-4o-mini", "--input", "1", "--output", "2")
+    key = admin_cli(db_url, "keys", "create", "ann@example.com", "--name", "k").stdout
+    assert key.strip().splitlines()[-1].startswith("sk-")
+    for args in (["users", "show", "ann@example.com", "--json"], ["channels", "list", "--json"],
+                 ["billing", "check"], ["keys", "list", "ann@example.com"]):
+        fast, slow = admin_cli(db_url, *args), admin_cli(db_url, *args, entry=flask)
+        assert fast.stdout == slow.stdout and fast.stdout, args
+    channels = admin_cli(db_url, "channels", "list", "--json").stdout
+    assert "up" in [c["name"] for c in json.loads(channels)]
+    assert "sk-upstream-secret" not in channels
+    with_ann = users_in(db_url)["ann@example.com"]
+    assert with_ann.balance_micro == 12_500_000
+
+    # the same clean failures, the same command list (less Flask-Limiter's plugin)
+    failed = admin_cli(db_url, "users", "show", "nobody@example.com", check=False)
+    assert failed.returncode == 1 and "no user with email" in failed.stderr
+    helped = admin_cli(db_url, "--help").stdout
+    for group in ("users", "keys", "channels", "prices", "credits", "billing", "bootstrap"):
+        assert f"\n  {group} " in helped
+    assert "limiter" not in helped and "\n  run " not in helped
+    bad_key = admin_cli(db_url, "channels", "add", "up2", "--type", "openai",
+                        "--base-url", "https://api.example.com", "--api-key", "sk-x",
+                        "--models", "m", check=False, TOKENOPEN_ENCRYPTION_KEY="not-a-key")
+    assert bad_key.returncode != 0 and "is not a Fernet key" in bad_key.stderr

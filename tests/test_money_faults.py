@@ -217,7 +217,9 @@ def test_a_live_stream_whose_lease_lapsed_still_pays_its_full_cost(gw):
     chunks = iter(stream)
     for _ in range(10):
         next(chunks)
-    time.sleep(0.6)  # a checkpoint was written
+    # a checkpoint was written (the worker's first one also loads the tokenizer)
+    assert wait_until(lambda: gw.run(lambda: db.session.scalar(
+        db.select(db.func.max(Reservation.checkpoint_micro)))))
 
     def lapse():
         db.session.execute(db.update(Reservation).values(lease_until=Reservation.created_at))

@@ -140,10 +140,10 @@ def test_rpm_is_exact_across_two_nodes(pair):
 
 def test_tpm_admits_exactly_what_fits_across_two_nodes(pair):
     # finding 3: --tpm 100 and 20 concurrent streams of max_tokens 10 used to admit all 20
-    from blueprints.api.tokens import estimate_prompt_tokens
+    from blueprints.api.tokens import admit_prompt_tokens
     a, b = pair
     key = a.member(credits=100, tpm=100)
-    per_request = estimate_prompt_tokens(
+    per_request = admit_prompt_tokens(
         {"messages": [{"role": "user", "content": "hello there friend"}]}) + 10
     codes = _all_at_once([lambda gw=(a if i % 2 else b): _post(gw, key, max_tokens=10, stream=True)
                           for i in range(20)])

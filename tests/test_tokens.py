@@ -1,4 +1,5 @@
 """Local token counting: exact in short slices, estimated past a size, never raising."""
+import json
 import subprocess
 import sys
 
@@ -59,5 +60,105 @@ def test_the_tokenizer_loads_lazily():
     code = ("import sys; from blueprints.api import tokens; "
             "assert 'bpe_openai' not in sys.modules; tokens.warm(); "
             "assert 'bpe_openai' in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tokens.__file__.rsplit(
+        "/blueprints/", 1)[0])
+
+
+# --- the prompt a hold reserves: a byte bound for short prompts, no tokenizer ------------------
+# o200k on these samples (UTF-8 bytes per token, measured 2026-11-30): English prose 4.0, Python
+# 4.4, JSON tool schemas 3.6, Chinese 4.3, Japanese 3.4, Korean 4.0, digits 3.0; random ASCII
+# 1.33, base64 1.47, hex 1.77, random CJK 1.56, random BMP 1.31, emoji 1.57; whitespace runs
+# 35, special tokens 13. No bytes-per-token ratio but 1 is safe for all of them: a ratio of 3
+# (the estimate past EXACT_LIMIT) under-reserves random text up to 2.3x, one of 4 up to 3x.
+# One token per byte is a bound by construction (every o200k token is one byte or more); it
+# reserves 3-4.4x the prompt of natural text, so only short prompts use it.
+
+def _samples():
+    import base64
+    import random
+    rng = random.Random(7)
+    tools = [{"type": "function", "function": {
+        "name": f"get_{n}", "description": f"Get the {n} for a location",
+        "parameters": {"type": "object", "properties": {
+            "location": {"type": "string", "description": "City and country, e.g. Paris"},
+            "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+            "required": ["location"]}}} for n in ("weather", "time", "news", "traffic")]
+    return {
+        "english": "The quick brown fox jumps over the lazy dog. Tokens are counted locally "
+                   "only when an upstream does not report them, or for a long prompt. " * 30,
+        "code": open(tokens.__file__, encoding="utf-8").read(),
+        "chinese": "人工智能是计算机科学的一个分支，它企图了解智能的实质。" * 40,
+        "japanese": "吾輩は猫である。名前はまだ無い。どこで生れたかとんと見当がつかぬ。" * 40,
+        "korean": "대한민국은 동아시아의 한반도 남부에 위치한 민주공화국이다." * 40,
+        "json_tools": json.dumps(tools),
+        "base64": base64.b64encode(rng.randbytes(4000)).decode(),
+        "hex": rng.randbytes(3000).hex(),
+        "digits": "".join(rng.choice("0123456789") for _ in range(5000)),
+        "random_ascii": "".join(chr(rng.randint(33, 126)) for _ in range(5000)),
+        "random_cjk": "".join(chr(rng.randint(0x4E00, 0x9FFF)) for _ in range(2000)),
+        "random_bmp": "".join(chr(rng.randint(0x00A0, 0xD7FF)) for _ in range(2000)),
+        "emoji": "".join(chr(rng.randint(0x1F300, 0x1FAFF)) for _ in range(1500)),
+        "whitespace": " " * 3000 + "\n" * 2000,
+        "special_tokens": "<|endoftext|>" * 300,
+        "lone_surrogates": "ok \ud800 \udfff " * 200,
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_samples()))
+def test_the_reserved_prompt_is_never_below_the_exact_count(name):
+    text = _samples()[name]
+    for size in (40, 700, tokens.RESERVE_BOUND_BYTES // 3, len(text)):
+        body = {"messages": [{"role": "system", "content": "Be brief."},
+                             {"role": "user", "content": text[:size]}],
+                "tools": [{"type": "function", "function": {"name": "f"}}]}
+        exact = tokens.estimate_prompt_tokens(body)
+        reserved = tokens.reserve_prompt_tokens(body)
+        framing, texts = tokens._prompt_texts(body)
+        nbytes = sum(len(t.encode("utf-8", "surrogatepass")) for t in texts)
+        admitted = tokens.admit_prompt_tokens(body)
+        assert reserved >= exact, (name, size)
+        if nbytes <= tokens.RESERVE_BOUND_BYTES:
+            assert reserved == framing + nbytes  # the byte bound, no tokenizer
+            assert reserved - exact <= tokens.RESERVE_BOUND_BYTES
+            # TPM admission: bytes / 3, corrected to the real usage at the end
+            assert admitted == framing + -(-nbytes // tokens.BYTES_PER_TOKEN)
+            assert abs(admitted - exact) <= tokens.RESERVE_BOUND_BYTES // 2, (name, size)
+        else:
+            assert reserved == admitted == exact  # long prompts: counted, not over-reserved
+
+
+def test_a_short_prompt_is_reserved_without_loading_the_tokenizer():
+    code = ("import sys; from blueprints.api import tokens; "
+            "body = {'messages': [{'role': 'user', 'content': 'hello ' * 300}]}; "
+            "assert tokens.reserve_prompt_tokens(body) == 3 + 3 + len('user ' + 'hello ' * 300); "
+            "assert 'bpe_openai' not in sys.modules; "
+            "body['messages'][0]['content'] = 'hello ' * 400; "
+            "assert tokens.reserve_prompt_tokens(body) == tokens.estimate_prompt_tokens(body); "
+            "assert 'bpe_openai' in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tokens.__file__.rsplit(
+        "/blueprints/", 1)[0])
+
+
+def test_the_tokenizer_loads_in_a_native_thread_inside_a_gevent_worker():
+    """Other greenlets keep running while the tables load (it used to stall the worker)."""
+    code = """
+from gevent import monkey; monkey.patch_all()
+import sys, threading, gevent
+from blueprints.api import tokens
+main = threading.get_ident()
+seen = []
+real = tokens._load_o200k
+def load():
+    seen.append(threading.get_ident())
+    return real()
+tokens._load_o200k = load
+ticks = []
+ticker = gevent.spawn(lambda: [ticks.append(gevent.sleep(0.005)) for _ in range(1000)])
+gevent.sleep(0)
+assert tokens.count_text("hello world") == 2
+assert seen and seen[0] != main, seen
+assert ticks, "no greenlet ran while the tokenizer loaded"
+ticker.kill()
+"""
     subprocess.run([sys.executable, "-c", code], check=True, cwd=tokens.__file__.rsplit(
         "/blueprints/", 1)[0])

@@ -30,7 +30,7 @@ from blueprints.api.providers.anthropic_convert import messages_via_chat
 from blueprints.api.providers.base import Call, StreamBroken, UpstreamFailure, Usage
 from blueprints.api.routing import choose_channels, model_exists, note_failure, note_success
 from blueprints.api.scrub import channel_secrets, scrub_upstream_text, storable_text
-from blueprints.api.tokens import count_text, estimate_prompt_tokens
+from blueprints.api.tokens import admit_prompt_tokens, count_text, reserve_prompt_tokens
 from blueprints.api.validation import check_model_name, validate_body
 from extensions import db
 from models import ApiKey, Group, Setting, User, split_list, utcnow
@@ -319,8 +319,7 @@ def admit(flight):
     tokens = 0
     if key.tpm or key.group_tpm:  # TPM admits the prompt estimate plus the output caps
         flight.choices = measure(call)[0]
-        flight.prompt_estimate = estimate_prompt_tokens(call.body)
-        tokens = flight.prompt_estimate + flight.output_tokens_cap
+        tokens = admit_prompt_tokens(call.body) + flight.output_tokens_cap
     parties = (rate_limits.Party("key", key.id, key.rpm, key.tpm, key.concurrency, "this key"),
                rate_limits.Party("user", key.user_id, key.group_rpm, key.group_tpm,
                                  key.group_concurrency, "your group"))
@@ -338,8 +337,7 @@ def reserve(flight):
     """Hold the most this request can cost: the prompt estimate, its output cap times its
     choices, its images and its audio seconds; 402 when the wallet or key cannot cover it."""
     call, key = flight.call, flight.key
-    if not flight.prompt_estimate:  # admit counted it already when a TPM limit applies
-        flight.prompt_estimate = estimate_prompt_tokens(call.body)
+    flight.prompt_estimate = reserve_prompt_tokens(call.body)
     flight.choices, flight.images, flight.seconds = measure(call)
     amount = billing.hold_micro(flight.price, flight.prompt_estimate, flight.output_tokens_cap,
                                 key.multiplier_ppm, images=flight.images, seconds=flight.seconds)

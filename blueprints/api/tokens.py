@@ -4,27 +4,60 @@ Counting must never fail a request and never hold the gevent worker: text is enc
 slices of a few milliseconds each (yielding to other greenlets between them), text past
 EXACT_LIMIT characters is estimated from its UTF-8 size, and any tokenizer error falls
 back to that estimate.
+
+The tokenizer costs a worker ~135 MB and 0.5 s to load, so it is loaded on first need (a
+reply without usage, a stream's checkpoint, /v1/messages/count_tokens, a prompt longer than
+RESERVE_BOUND_BYTES), not at start; the hold and TPM admission of a short prompt need none.
 """
 import math
-from functools import lru_cache
+import threading
 
 # Per-message framing tokens in OpenAI's chat format (role markers, separators).
 TOKENS_PER_MESSAGE = 3
 SLICE_CHARS = 10_000  # ~1 ms of encoding; bpe-openai refuses 1M characters in one call
 EXACT_LIMIT = 1_000_000  # characters counted exactly; longer text is estimated from bytes
-BYTES_PER_TOKEN = 3  # a conservative estimate: English runs ~4, CJK ~3 bytes per token
+BYTES_PER_TOKEN = 3  # over-counts natural text (3.4-4.4 bytes a token), not random strings
 ESTIMATE_SLICE = 250_000  # characters measured between two yields when estimating
+# Up to this many UTF-8 bytes of prompt text a hold reserves one token per byte (a bound that
+# needs no tokenizer); past it, the exact count. So a hold is never below the exact count and
+# at most 2,048 tokens above it (~1,550 for English: 2,048 bytes of it are ~500 tokens).
+RESERVE_BOUND_BYTES = 2048
+
+_tokenizer = []
+_tokenizer_lock = threading.Lock()
 
 
-@lru_cache(maxsize=1)
 def _encoding():
-    import bpe_openai  # imported on first use: loading its tables takes a moment
-    return bpe_openai.get_encoding("o200k_base")
+    """o200k_base, loaded on first use."""
+    if not _tokenizer:
+        with _tokenizer_lock:
+            if not _tokenizer:
+                _tokenizer.append(_off_the_loop(_load_o200k))
+    return _tokenizer[0]
+
+
+def _load_o200k():
+    import bpe_openai
+    encoding = bpe_openai.get_encoding("o200k_base")
+    encoding.encode("warm up", allowed_special="all")
+    return encoding
+
+
+def _off_the_loop(work):
+    """work() in one of gevent's native threads inside a worker, so the other greenlets keep
+    serving while the tables load (0.5 s); plainly elsewhere."""
+    try:
+        from gevent import get_hub, monkey
+    except ImportError:
+        return work()
+    if monkey.is_module_patched("socket"):
+        return get_hub().threadpool.apply(work)
+    return work()
 
 
 def warm():
-    """Load the tokenizer tables now (a gunicorn worker calls this before serving)."""
-    _encoding().encode("warm up", allowed_special="all")
+    """Load the tokenizer tables now."""
+    _encoding()
 
 
 def _pause():
@@ -51,14 +84,19 @@ def _slices(text, size):
         start = end
 
 
-def estimate_from_bytes(text):
-    """ceil(UTF-8 bytes / BYTES_PER_TOKEN), measured slice by slice."""
+def utf8_size(text):
+    """UTF-8 bytes of `text` (lone surrogates as 3), measured slice by slice."""
     size = 0
     for index, piece in enumerate(_slices(text, ESTIMATE_SLICE)):
         if index:
             _pause()
-        size += len(piece) if piece.isascii() else len(piece.encode("utf-8", "replace"))
-    return math.ceil(size / BYTES_PER_TOKEN)
+        size += len(piece) if piece.isascii() else len(piece.encode("utf-8", "surrogatepass"))
+    return size
+
+
+def estimate_from_bytes(text):
+    """ceil(UTF-8 bytes / BYTES_PER_TOKEN): no tokenizer needed."""
+    return math.ceil(utf8_size(text) / BYTES_PER_TOKEN) if text else 0
 
 
 def count_text(text, exact=True):
@@ -99,20 +137,68 @@ def _texts(value):
             yield from _texts(item)
 
 
-def estimate_prompt_tokens(body):
-    """A prompt-token estimate for any JSON request body (chat, messages, embeddings...)."""
+def _prompt_texts(body):
+    """(framing tokens, the prompt's texts) of any JSON request body."""
     if not isinstance(body, dict):
-        return 0
-    total = 0
+        return 0, []
+    framing = 0
     texts = []
     messages = body.get("messages")
     if isinstance(messages, list):
         for message in messages:
-            total += TOKENS_PER_MESSAGE
+            framing += TOKENS_PER_MESSAGE
             texts.append(" ".join(_texts(message)))
-        total += 3
+        framing += 3
     for field in ("system", "prompt", "input", "instructions", "tools", "functions"):
         if field in body:
             texts.append(" ".join(_texts(body[field])))
+    return framing, texts
+
+
+def estimate_prompt_tokens(body):
+    """The prompt's tokens for any JSON request body (chat, messages, embeddings...):
+    o200k exactly, or estimated from bytes when huge. Loads the tokenizer."""
+    framing, texts = _prompt_texts(body)
+    return framing + _count_texts(texts)
+
+
+def _count_texts(texts):
     exact = sum(len(text) for text in texts) <= EXACT_LIMIT  # a huge body is estimated whole
-    return total + sum(count_text(text, exact) for text in texts)
+    return sum(count_text(text, exact) for text in texts)
+
+
+def reserve_prompt_tokens(body):
+    """The prompt tokens a hold reserves: never fewer than estimate_prompt_tokens(body), so
+    no prompt is under-reserved.
+
+    A short prompt reserves one token per UTF-8 byte, an upper bound without the tokenizer
+    (every o200k token is at least one byte), at most RESERVE_BOUND_BYTES tokens; a longer
+    one (where that bound would reserve 3-4x too much) is counted exactly."""
+    framing, texts, size = _measure(body)
+    return framing + (size if size <= RESERVE_BOUND_BYTES else _exact(body, texts))
+
+
+def admit_prompt_tokens(body):
+    """The prompt tokens TPM admission counts before the request runs (corrected to the real
+    usage when it ends): a short prompt's bytes / 3 (no tokenizer; within ~1,000 tokens of the
+    count, above it for natural text), a longer prompt's exact count."""
+    framing, texts, size = _measure(body)
+    if size <= RESERVE_BOUND_BYTES:
+        return framing + math.ceil(size / BYTES_PER_TOKEN)
+    return framing + _exact(body, texts)
+
+
+def _measure(body):
+    framing, texts = _prompt_texts(body)
+    return framing, texts, sum(utf8_size(text) for text in texts)
+
+
+_last_exact = [(None, 0)]  # [(body, count)]: admission and the hold count a long prompt once
+
+
+def _exact(body, texts):
+    counted, count = _last_exact[0]
+    if counted is not body:
+        count = _count_texts(texts)
+        _last_exact[0] = (body, count)
+    return count
