@@ -11,6 +11,8 @@ import openai
 import pytest
 import requests
 
+from blueprints.api.tokens import estimate_prompt_tokens, reserve_prompt_tokens
+
 UPSTREAM_KEY = "sk-upstream-secret"
 
 
@@ -588,7 +590,10 @@ def test_missing_usage_is_counted_locally_and_marked_estimated(live):
     for row in rows:
         assert row["estimated"] is True and row["billing"] == "estimated"
         assert row["completion_tokens"] == 9  # o200k counts these nine words as nine tokens
-        assert row["prompt_tokens"] > 0
+        # billed at the prompt's exact count, not the hold's per-byte bound of a short prompt
+        body = {"messages": [{"role": "user", "content": "hello there friend"}]}
+        assert row["prompt_tokens"] == estimate_prompt_tokens(body) \
+            < reserve_prompt_tokens(body)
 
 
 def test_upstream_key_never_reaches_a_response_or_log(live):

@@ -30,7 +30,8 @@ from blueprints.api.providers.anthropic_convert import messages_via_chat
 from blueprints.api.providers.base import Call, StreamBroken, UpstreamFailure, Usage
 from blueprints.api.routing import choose_channels, model_exists, note_failure, note_success
 from blueprints.api.scrub import channel_secrets, scrub_upstream_text, storable_text
-from blueprints.api.tokens import admit_prompt_tokens, count_text, reserve_prompt_tokens
+from blueprints.api.tokens import (admit_prompt_tokens, count_text, estimate_prompt_tokens,
+                                   reserve_prompt_tokens)
 from blueprints.api.validation import check_model_name, validate_body
 from extensions import db
 from models import ApiKey, Group, Setting, User, split_list, utcnow
@@ -98,7 +99,8 @@ class Flight:
     key: KeyInfo | None = None
     call: Call | None = None
     price: object = None
-    prompt_estimate: int = 0
+    prompt_estimate: int = 0  # what the hold reserved for the prompt (an upper bound)
+    prompt_counted: int | None = None  # its exact count, once a reply without usage needs it
     choices: int = 1  # n (or best_of): how many outputs the cap applies to
     images: int = 0  # images asked for (reserved at the per-image price)
     seconds: int = 0  # upper bound of audio seconds (reserved at the per-second price)
@@ -668,7 +670,7 @@ def _estimated_usage(flight, reply, counted_output):
         ok = isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= limit
         return value if ok else 0
 
-    prompt = sane(reported.prompt_tokens) or flight.prompt_estimate
+    prompt = sane(reported.prompt_tokens) or _counted_prompt(flight)
     cached = sane(reported.cached_tokens, prompt)
     # Images and audio seconds nobody reported are taken at what was asked / reserved for.
     images = sane(reported.images, ABSURD_USAGE_FACTOR * max(flight.images, 1)) or flight.images
@@ -679,6 +681,14 @@ def _estimated_usage(flight, reply, counted_output):
                  cached_tokens=cached,
                  cache_write_tokens=sane(reported.cache_write_tokens, prompt - cached),
                  images=images, seconds=seconds)
+
+
+def _counted_prompt(flight):
+    """The prompt's exact count, for billing a reply without usage: the hold's estimate of a
+    short prompt is an upper bound (a token per byte), too much to charge."""
+    if flight.prompt_counted is None:
+        flight.prompt_counted = estimate_prompt_tokens(flight.call.body) if flight.call else 0
+    return flight.prompt_counted
 
 
 def _status_for(http_status):
