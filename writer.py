@@ -27,7 +27,7 @@ from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from sqlalchemy import bindparam, delete, insert, select, update
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
@@ -121,14 +121,15 @@ _INSERT_LEDGER = Prepared(insert(LEDGER).values({name: bindparam(name) for name 
     "user_id", "kind", "amount_micro", "balance_after_micro", "note", "request_id",
     "created_at")}))
 _INSERT_LOG = Prepared(_INSERT_LOG_STATEMENT)
+_LOCK_USER = Prepared(select(USERS.c.id).where(USERS.c.id == bindparam("uid"))
+                      .with_for_update(key_share=True))  # FOR NO KEY UPDATE, as an UPDATE takes
 _TOUCH_KEY = Prepared(update(KEYS).where(KEYS.c.id == bindparam("kid")).values(
     last_used_at=bindparam("now")))
 _GIVE_BACK = Prepared(update(USERS).where(USERS.c.id == bindparam("uid")).values(
     reserved_micro=USERS.c.reserved_micro - bindparam("amount")))
 _rollups = {}  # dialect name -> Prepared rollup upsert
-# Once a batch, or rare (lists of ids, late settlements): SQLAlchemy Core.
-_TAKE_HOLDS = (delete(HOLDS).where(HOLDS.c.request_id.in_(holds._holds_in_order("rids")))
-               .returning(HOLDS.c.request_id))
+_TAKE_HOLD = Prepared(holds._TAKE_HOLD)
+# Rare (late settlements): SQLAlchemy Core.
 _OLD_LOGS = select(LOGS).where(LOGS.c.request_id.in_(bindparam("rids", expanding=True)))
 _REPLACE_LOG = update(LOGS).where(LOGS.c.request_id == bindparam("rid"))
 
@@ -394,13 +395,12 @@ def _run_batch(tx, units):
     reserves = [u for u in units if isinstance(u, Reserve)]
     settles = [u for u in units if isinstance(u, Settle)]
 
-    # Hold rows first: take every hold being settled; those already gone were swept (late).
-    held = [s for s in settles if s.hold is not None and s.hold.held]
-    taken = set()
-    if held:
-        taken = set(tx.conn.execute(_TAKE_HOLDS, {
-            "rids": sorted(s.hold.request_id for s in held)}).scalars())
-    late = {s for s in held if s.hold.request_id not in taken}
+    # Hold rows first, in request-id order: take every hold being settled; those already
+    # gone were settled by the sweeper (late).
+    held = sorted((s for s in settles if s.hold is not None and s.hold.held),
+                  key=lambda s: s.hold.request_id)
+    late = {s for s in held
+            if tx.run(_TAKE_HOLD, {"rid": s.hold.request_id}).rowcount != 1}
     old_logs = {}
     if late:
         old_logs = {row.request_id: row for row in tx.conn.execute(
@@ -443,10 +443,12 @@ def _run_batch(tx, units):
     for user_id in sorted(set(moves_by_user) | set(touches) | set(reserves_by_user)):
         if moves_by_user[user_id]:
             ledger_rows += _settle_user(tx, user_id, moves_by_user[user_id], now)
-        if touches[user_id]:
-            tx.many(_TOUCH_KEY, [{"kid": kid, "now": now} for kid in sorted(touches[user_id])])
         if reserves_by_user[user_id]:
             results.update(_reserve_user(tx, user_id, reserves_by_user[user_id]))
+        if touches[user_id]:
+            if not (moves_by_user[user_id] or reserves_by_user[user_id]):
+                tx.run(_LOCK_USER, {"uid": user_id})  # a key's row only after its user's
+            tx.many(_TOUCH_KEY, [{"kid": kid, "now": now} for kid in sorted(touches[user_id])])
     tx.many(_INSERT_HOLD, [r.row for r in reserves
                            if isinstance(results[r], holds.Hold) and results[r].held])
     tx.many(_INSERT_LEDGER, ledger_rows)

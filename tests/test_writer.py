@@ -318,3 +318,32 @@ def in_threads_plain(functions):
     for thread in threads:
         thread.join(60)
     return results
+
+
+@pytest.mark.parametrize("backend", ["postgresql"])
+def test_a_batch_locks_a_user_before_any_of_its_keys(ctx, backend):
+    """Lock order users -> api_keys holds in every batch, even one whose only write to a key
+    is last_used_at (a refused request): otherwise two nodes' batches deadlock."""
+    from sqlalchemy import text
+    uid = make_user("a@example.com", credits=10)
+    kid = key_id_of(make_key("a@example.com"))
+    refused_log = writer.Settle(hold=None, cost=0, note=None, delivered=False, touch_key=kid,
+                                log=dict(request_id="refused", user_id=uid, key_id=kid,
+                                         endpoint="chat", status="Failed", http_status=429))
+    with db.engine.connect() as holder, db.engine.connect() as probe:
+        holder.execute(text("SELECT id FROM users WHERE id = :u FOR NO KEY UPDATE"), {"u": uid})
+        def write():
+            with ctx.app_context():
+                writer.submit(refused_log)
+        batch = threading.Thread(target=write)
+        batch.start()
+        time.sleep(0.5)
+        assert batch.is_alive()  # the batch waits for the user's row...
+        probe.execute(text("SET lock_timeout = '100ms'"))
+        probe.execute(text("SELECT id FROM api_keys WHERE id = :k FOR NO KEY UPDATE"),
+                      {"k": kid})  # ...without holding its key's (it would time out)
+        probe.rollback()
+        holder.rollback()
+        batch.join(10)
+    assert db.session.scalar(db.select(RequestLog.status).filter_by(request_id="refused"))
+    db.session.commit()
