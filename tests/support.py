@@ -1,4 +1,5 @@
 """Test helpers: row factories, PostgreSQL databases, and the live server processes."""
+import contextlib
 import os
 import signal
 import socket
@@ -298,6 +299,25 @@ class LiveGateway:
 
 
 # --- console helpers (logs, dashboard) ----------------------------------------------------
+
+@contextlib.contextmanager
+def gateway_behind_proxy(name, tmp_path, fake_upstream, env):
+    """A live gateway on its own PostgreSQL database `name`, reached through a TcpProxy the
+    test can cut and restore: yields (gateway, proxy); stops both and drops the database."""
+    from tests.tcp_proxy import TcpProxy
+    direct = postgres_database_url(name)
+    proxy = TcpProxy("127.0.0.1", 5432).start()
+    gw = LiveGateway(direct, str(tmp_path), fake_upstream, env)
+    gw.env["TOKENOPEN_DATABASE_URL"] = direct.replace("127.0.0.1:5432",
+                                                      f"127.0.0.1:{proxy.port}")
+    gw.start()
+    try:
+        yield gw, proxy
+    finally:
+        gw.stop()
+        proxy.stop()
+        drop_postgres_database(name)
+
 
 def login_session(client, user_id):
     """Log `client` in as `user_id` by writing Flask-Login's session keys (unit tests only)."""

@@ -21,8 +21,8 @@ import holds
 from extensions import db
 from models import MICRO, ApiKey, Channel, LedgerEntry, Reservation, UsageDaily, User
 from tests.conftest import _worker_id
-from tests.support import LiveGateway, drop_postgres_database, postgres_database_url, wait_http
-from tests.tcp_proxy import TcpProxy
+from tests.support import (LiveGateway, drop_postgres_database, gateway_behind_proxy,
+                           postgres_database_url, wait_http)
 
 FAST_HOLDS = {"TOKENOPEN_HOLD_LEASE_SECONDS": "3", "TOKENOPEN_CHECKPOINT_SECONDS": "0.5",
               "TOKENOPEN_SWEEP_INTERVAL": "1", "TOKENOPEN_DRAIN_SECONDS": "1",
@@ -303,13 +303,7 @@ def test_sigterm_drains_then_interrupts_streams_billed_and_logged(fake_upstream,
 def test_a_database_blip_mid_stream_keeps_streaming_and_settles_later(
         fake_upstream, tmp_path, request):
     name = f"tokenopen_blip_{_worker_id(request)}"
-    direct = postgres_database_url(name)
-    proxy = TcpProxy("127.0.0.1", 5432).start()
-    gw = LiveGateway(direct, str(tmp_path), fake_upstream, FAST_HOLDS)
-    gw.env["TOKENOPEN_DATABASE_URL"] = direct.replace("127.0.0.1:5432",
-                                                      f"127.0.0.1:{proxy.port}")
-    gw.start()
-    try:
+    with gateway_behind_proxy(name, tmp_path, fake_upstream, FAST_HOLDS) as (gw, proxy):
         gw.reset()
         key = gw.member(credits=10, models="gpt-4o-mini=fault-slow")
         stream = openai_client(gw, key).chat.completions.create(
@@ -327,10 +321,6 @@ def test_a_database_blip_mid_stream_keeps_streaming_and_settles_later(
         assert rows[0]["completion_tokens"] == 9 and rows[0]["credits_micro"] > 0
         assert wait_until(lambda: user_money(gw)[2] == 0)
         assert gw.run(billing.check_ledger) == []
-    finally:
-        gw.stop()
-        proxy.stop()
-        drop_postgres_database(name)
 
 
 # --- finding 7: usage an upstream lies about --------------------------------------------------

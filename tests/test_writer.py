@@ -260,17 +260,12 @@ def test_a_live_batch_of_settlements_cut_by_a_blip_ends_settled_exactly_once(
     import openai
 
     from tests.conftest import _worker_id
-    from tests.support import LiveGateway, drop_postgres_database, postgres_database_url
+    from tests.support import gateway_behind_proxy
     name = f"tokenopen_wblip_{_worker_id(request)}"
-    direct = postgres_database_url(name)
-    proxy = TcpProxy("127.0.0.1", 5432).start()
-    gw = LiveGateway(direct, str(tmp_path), fake_upstream, {
+    env = {
         "TOKENOPEN_HOLD_LEASE_SECONDS": "3", "TOKENOPEN_CHECKPOINT_SECONDS": "0.5",
-        "TOKENOPEN_SWEEP_INTERVAL": "1", "TOKENOPEN_UPSTREAM_TIMEOUT": "10"})
-    gw.env["TOKENOPEN_DATABASE_URL"] = direct.replace("127.0.0.1:5432",
-                                                      f"127.0.0.1:{proxy.port}")
-    gw.start()
-    try:
+        "TOKENOPEN_SWEEP_INTERVAL": "1", "TOKENOPEN_UPSTREAM_TIMEOUT": "10"}
+    with gateway_behind_proxy(name, tmp_path, fake_upstream, env) as (gw, proxy):
         gw.reset()
         key = gw.member(credits=10, models="gpt-4o-mini=fault-slow")
         client = openai.OpenAI(base_url=gw.base_url, api_key=key, max_retries=0, timeout=30)
@@ -301,10 +296,6 @@ def test_a_live_batch_of_settlements_cut_by_a_blip_ends_settled_exactly_once(
         assert sorted(rid for _, rid in ledger) == sorted(r["request_id"] for r in rows)
         assert {kind for kind, _ in ledger} == {"charge"}
         assert gw.run(billing.check_ledger) == []
-    finally:
-        gw.stop()
-        proxy.stop()
-        drop_postgres_database(name)
 
 
 def in_threads_plain(functions):
