@@ -300,6 +300,25 @@ class LiveGateway:
 
 # --- console helpers (logs, dashboard) ----------------------------------------------------
 
+ARTIFACTS = os.path.join(ROOT, "tests", "artifacts")  # screenshots and figures, gitignored
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run"]
+
+
+@contextlib.contextmanager
+def headless_chromium():
+    """Debian's chromium, headless, driven by Playwright (it never downloads a browser)."""
+    from playwright.sync_api import sync_playwright
+    os.makedirs(ARTIFACTS, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True,
+                                    args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
 @contextlib.contextmanager
 def gateway_behind_proxy(name, tmp_path, fake_upstream, env):
     """A live gateway on its own PostgreSQL database `name`, reached through a TcpProxy the

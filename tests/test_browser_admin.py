@@ -4,14 +4,12 @@ import os
 import re
 
 import pytest
-from playwright.sync_api import expect, sync_playwright
+from playwright.sync_api import expect
 
 from extensions import db
 from models import Channel, ModelPrice, RedemptionCode, User
+from tests.support import ARTIFACTS, headless_chromium
 
-ARTIFACTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "artifacts")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run"]
 ADMIN = "boss@example.com"
 MEMBER = "member@example.com"
 PASSWORD = "password123"  # tests.support.make_user's default
@@ -21,12 +19,8 @@ UPSTREAM_KEY = "sk-fake-upstream-key-123456789"
 @pytest.fixture
 def browser():
     """Headless Debian chromium; each test opens its own contexts (one per person)."""
-    os.makedirs(ARTIFACTS, exist_ok=True)
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True,
-                                    args=CHROMIUM_ARGS)
+    with headless_chromium() as browser:
         yield browser
-        browser.close()
 
 
 def new_page(browser):

@@ -8,13 +8,11 @@ import sys
 
 import pytest
 from openai import OpenAI
-from playwright.sync_api import expect, sync_playwright
+from playwright.sync_api import expect
 
 from money import format_credits
+from tests.support import ARTIFACTS, headless_chromium
 
-ARTIFACTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "artifacts")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run"]
 EMAIL = "member@example.com"
 PASSWORD = "password123"  # what LiveGateway.member gives its user
 
@@ -22,17 +20,13 @@ PASSWORD = "password123"  # what LiveGateway.member gives its user
 @pytest.fixture
 def page():
     """A fresh headless Debian chromium page."""
-    os.makedirs(ARTIFACTS, exist_ok=True)
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True,
-                                    args=CHROMIUM_ARGS)
+    with headless_chromium() as browser:
         context = browser.new_context(viewport={"width": 1366, "height": 900},
                                       accept_downloads=True)
         page = context.new_page()
         page.set_default_timeout(15_000)
         yield page
         context.close()
-        browser.close()
 
 
 def shot(page, name):

@@ -11,13 +11,10 @@ from datetime import timedelta
 import pytest
 from axe_playwright_python.sync_playwright import Axe
 from openai import OpenAI
-from playwright.sync_api import expect, sync_playwright
+from playwright.sync_api import expect
 
-from tests.support import insert_logs
+from tests.support import ARTIFACTS, headless_chromium, insert_logs
 
-ARTIFACTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "artifacts")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run"]
 ADMIN = "boss@example.com"
 MEMBER = "member@example.com"
 PASSWORD = "password123"  # tests.support.make_user's default
@@ -35,12 +32,8 @@ document.addEventListener('securitypolicyviolation', function (e) {
 @pytest.fixture(scope="module")
 def browser():
     """One headless Debian chromium for the whole module."""
-    os.makedirs(ARTIFACTS, exist_ok=True)
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True,
-                                    args=CHROMIUM_ARGS)
+    with headless_chromium() as browser:
         yield browser
-        browser.close()
 
 
 class Person:

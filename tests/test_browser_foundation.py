@@ -4,14 +4,12 @@ import os
 import re
 
 import pytest
-from playwright.sync_api import expect, sync_playwright
+from playwright.sync_api import expect
 
 from extensions import db
 from models import ApiKey, User
+from tests.support import ARTIFACTS, headless_chromium
 
-ARTIFACTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "artifacts")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run"]
 EMAIL = "browser@example.com"
 PASSWORD = "correct-horse-42"
 
@@ -19,16 +17,12 @@ PASSWORD = "correct-horse-42"
 @pytest.fixture
 def browser_page():
     """A fresh headless Debian chromium page (clipboard allowed, for the copy button)."""
-    os.makedirs(ARTIFACTS, exist_ok=True)
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True,
-                                    args=CHROMIUM_ARGS)
+    with headless_chromium() as browser:
         context = browser.new_context(viewport={"width": 1280, "height": 860})
         page = context.new_page()
         page.set_default_timeout(10_000)
         yield context, page
         context.close()
-        browser.close()
 
 
 def shot(page, name):
