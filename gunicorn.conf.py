@@ -18,6 +18,10 @@ graceful_timeout = int(os.environ.get("TOKENOPEN_DRAIN_SECONDS", "60")) + 30
 keepalive = 75
 accesslog = os.environ.get("TOKENOPEN_ACCESS_LOG") or None
 errorlog = "-"
+# gunicorn 27 opens a control socket at ~/.gunicorn/gunicorn.ctl, one path for every master of
+# the user: two nodes (or test servers) on one machine would take it from each other, and we
+# have no use for it. Older gunicorns ignore the setting.
+control_socket_disable = True
 
 
 def post_worker_init(worker):

@@ -50,6 +50,22 @@ def test_api_responses_carry_nosniff(client):
     assert response.headers["X-Content-Type-Options"] == "nosniff"
 
 
+def test_api_neither_reads_nor_sets_the_console_session(app, client, factory):
+    """/v1 runs on a null session: a logged-in browser's cookie is not read there (no key, no
+    access) and no answer sets or refreshes a cookie; the console still has its session."""
+    member = factory.user(MEMBER)
+    login_session(client, member)
+    with client.session_transaction() as session:
+        session.permanent = True  # with SESSION_REFRESH_EACH_REQUEST: re-signed on every answer
+    for path in ("/v1/models", "/v1/chat/completions"):
+        response = client.get(path) if path == "/v1/models" else client.post(path, json={})
+        assert response.status_code == 401, path
+        assert "Set-Cookie" not in response.headers, path
+    console = client.get("/keys")
+    assert console.status_code == 200  # still logged in: the API left the cookie alone
+    assert "Set-Cookie" in console.headers  # and the console does re-sign it
+
+
 def test_no_template_has_inline_script_or_handler():
     """The CSP forbids inline scripts, so none may exist to break."""
     import glob
