@@ -3,10 +3,11 @@ import os
 
 from flask import Flask, jsonify, request
 from flask.sessions import SecureCookieSessionInterface
-from sqlalchemy import event, make_url, text
+from sqlalchemy import event, text
 from sqlalchemy.engine import Engine
 from werkzeug.middleware.proxy_fix import ProxyFix
 
+import sqlite_wal
 from config import load_config
 from encryption import secret_box
 from extensions import db
@@ -126,11 +127,10 @@ def private_sqlite_file(uri):
     """Create a SQLite database file owner-only (0600) before SQLite does it with the umask's
     0644, and tighten one an older version created. SQLite gives its -wal and -shm files the
     database file's mode."""
-    url = make_url(uri)
-    if not url.drivername.startswith("sqlite") or url.database in (None, "", ":memory:") \
-            or url.database.startswith("file:") or url.query.get("mode") == "memory":
+    path = sqlite_wal.database_file(uri)
+    if path is None:
         return
-    path = os.path.abspath(url.database)
+    path = os.path.abspath(path)
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
     try:
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
@@ -151,4 +151,5 @@ def _sqlite_pragmas(dbapi_connection, connection_record):
         cursor.execute("PRAGMA busy_timeout=10000")
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute("PRAGMA foreign_keys=ON")
+        sqlite_wal.connection_pragmas(cursor)
         cursor.close()

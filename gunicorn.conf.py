@@ -27,7 +27,10 @@ control_socket_disable = True
 def post_worker_init(worker):
     """Each worker runs a hold keeper: checkpoints its streams, renews its leases, retries
     settlements a database error held back, settles holds of dead workers, drains on SIGTERM.
+    On SQLite, WAL checkpoints leave the commits for a native thread (sqlite_wal.py).
     (The tokenizer is not loaded here: blueprints/api/tokens.py loads it on first need.)"""
+    from sqlite_wal import start_checkpointer
+    start_checkpointer(worker.wsgi)
     from blueprints.api.inflight import start_keeper
     from blueprints.api.relay import delivered_so_far
     start_keeper(worker.wsgi, delivered_so_far, worker)

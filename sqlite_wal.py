@@ -1,0 +1,94 @@
+"""SQLite's WAL checkpoints, off the request path.
+
+SQLite copies its write-ahead log back into the database file (a checkpoint, with fsyncs)
+inside whichever commit pushes the log past 1,000 pages. In a gevent worker that commit is the
+group-commit writer's, and the whole worker stands still while the disk syncs: on this VM's
+disk every ~100th request waited 10-20 ms (it was most of `make bench`'s sequential p95/p99).
+So a served worker turns automatic checkpoints off on its connections and checkpoints every
+half second from a native thread of its own: sqlite3 releases the GIL while it works, and the
+greenlets keep serving. Elsewhere (tests' in-process apps, the CLI) SQLite checkpoints as usual.
+
+PASSIVE checkpoints never wait for a lock and run beside writers, so several workers (each
+with its checkpointer) are safe; a checkpoint that cannot finish (an old reader) resumes on the
+next tick. But the log only starts over from its beginning when a writer begins after a
+complete checkpoint, and under steady load one is always appending: past RESTART_FRAMES the
+checkpointer starts the log over itself (RESTART, without waiting: it gives up at once while a
+writer or reader is busy and tries again next tick). That briefly holds writers back, once per
+~16 MB of log, instead of a checkpoint with two fsyncs inside every ~4 MB's commit. The log
+file keeps its largest size (tens of MB) and is written over from its start.
+"""
+import logging
+import sqlite3
+
+from sqlalchemy import make_url
+
+INTERVAL_SECONDS = 0.5
+RESTART_FRAMES = 4096  # log frames (4 KB pages) before the checkpointer starts the log over
+STUCK_FRAMES = 16 * RESTART_FRAMES  # then it waits (up to 1 s) for writers to let it
+log = logging.getLogger(__name__)
+_in_background = False  # set in a served worker once its checkpointer runs
+
+
+def connection_pragmas(cursor):
+    """For every new SQLite connection (app._sqlite_pragmas): no checkpoint inside commits
+    once this process checkpoints in the background."""
+    if _in_background:
+        cursor.execute("PRAGMA wal_autocheckpoint=0")
+
+
+def database_file(uri):
+    """The SQLite file behind `uri`, or None (another database, or in memory)."""
+    url = make_url(uri)
+    if not url.drivername.startswith("sqlite") or url.database in (None, "", ":memory:") \
+            or url.database.startswith("file:") or url.query.get("mode") == "memory":
+        return None
+    return url.database
+
+
+def start_checkpointer(app):
+    """In a served gevent worker on a SQLite file: checkpoint from a native thread from now
+    on. Returns whether it started."""
+    global _in_background
+    path = database_file(app.config["SQLALCHEMY_DATABASE_URI"])
+    if path is None:
+        return False
+    from gevent import get_hub, monkey
+    if not monkey.is_module_patched("socket"):
+        return False  # not a gevent worker: SQLite's own checkpoints block nobody else
+    sleep = monkey.get_original("time", "sleep")
+    _in_background = True
+    get_hub().threadpool.spawn(_checkpoint_forever, path, sleep)
+    return True
+
+
+def _checkpoint_forever(path, sleep):
+    conn = None
+    while True:
+        sleep(INTERVAL_SECONDS)
+        try:
+            if conn is None:
+                conn = sqlite3.connect(path, timeout=0, isolation_level=None,
+                                       check_same_thread=False)
+            checkpoint(conn)
+        except sqlite3.Error as err:  # the file moved or went away: retry on a new connection
+            log.warning("WAL checkpoint of %s failed: %s", path, err)
+            if conn is not None:
+                conn.close()
+                conn = None
+
+
+def checkpoint(conn):
+    """One tick on `conn` (busy timeout 0): copy what the log holds into the database file;
+    past RESTART_FRAMES, start the log over. Far past it (the gaps between writers never
+    came), wait up to a second for one. Returns the log's frames."""
+    frames = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[1]
+    if frames >= RESTART_FRAMES:  # copies what writers appended meanwhile, holding them back
+        stuck = frames >= STUCK_FRAMES
+        if stuck:
+            conn.execute("PRAGMA busy_timeout=1000")
+        try:
+            conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+        finally:
+            if stuck:
+                conn.execute("PRAGMA busy_timeout=0")
+    return frames

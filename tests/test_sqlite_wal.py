@@ -1,0 +1,124 @@
+"""SQLite's WAL checkpoints run beside the requests, not inside the writer's commits
+(sqlite_wal.py): in a served worker, on the live gateway, and the checkpoint tick itself."""
+import os
+import shutil
+import sqlite3
+import time
+
+import requests
+from sqlalchemy import create_engine, make_url, text
+
+import sqlite_wal
+
+CHAT_BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello"}]}
+
+
+def _rows_in_database_file(db_path, request_ids, scratch):
+    """Which of `request_ids` have reached the database file itself (the WAL left behind)."""
+    copy = os.path.join(scratch, "main-file-only.db")
+    shutil.copyfile(db_path, copy)
+    conn = sqlite3.connect(copy)
+    try:
+        conn.execute("PRAGMA journal_mode=DELETE")  # read the copy alone: no -wal beside it
+        marks = ",".join("?" * len(request_ids))
+        return {row[0] for row in conn.execute(
+            f"SELECT request_id FROM request_logs WHERE request_id IN ({marks})", request_ids)}
+    finally:
+        conn.close()
+
+
+def test_served_worker_checkpoints_in_the_background(live, tmp_path):
+    """A handful of requests writes far fewer than the 1,000 pages that would make SQLite
+    checkpoint inside a commit: their rows reach the database file only because the worker's
+    checkpointer copies the log every half second."""
+    key = live.member(credits=100)
+    request_ids = []
+    for _ in range(3):
+        answer = requests.post(f"{live.base_url}/chat/completions", json=CHAT_BODY,
+                               headers={"Authorization": f"Bearer {key}"}, timeout=30)
+        assert answer.status_code == 200, answer.text
+        request_ids.append(answer.headers["x-request-id"])
+    db_path = make_url(live.db_url).database
+    deadline = time.monotonic() + 10
+    while (found := _rows_in_database_file(db_path, request_ids, tmp_path)) != set(request_ids):
+        assert time.monotonic() < deadline, f"only {found} reached {db_path}"
+        time.sleep(0.2)
+
+
+def test_connections_skip_commit_checkpoints_only_with_a_checkpointer(tmp_path, monkeypatch):
+    from app import _sqlite_pragmas  # noqa: F401 - registers the connect listener
+    engine = create_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    with engine.connect() as conn:
+        assert conn.execute(text("PRAGMA wal_autocheckpoint")).scalar() == 1000
+    engine.dispose()
+    monkeypatch.setattr(sqlite_wal, "_in_background", True)
+    with engine.connect() as conn:
+        assert conn.execute(text("PRAGMA wal_autocheckpoint")).scalar() == 0
+    engine.dispose()
+
+
+def _wal_database(path):
+    """A WAL database whose writer never checkpoints (as in a served worker)."""
+    writer = sqlite3.connect(path, isolation_level=None)
+    writer.execute("PRAGMA journal_mode=WAL")
+    writer.execute("PRAGMA wal_autocheckpoint=0")
+    writer.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, pad BLOB)")
+    return writer
+
+
+def _write_rows(writer, count):
+    for _ in range(count):
+        writer.execute("INSERT INTO t (pad) VALUES (zeroblob(3000))")
+
+
+def _checkpointer(path, statements):
+    conn = sqlite3.connect(path, timeout=0, isolation_level=None)
+    conn.set_trace_callback(statements.append)
+    return conn
+
+
+def test_checkpoint_copies_the_log_into_the_database_file(tmp_path):
+    path = str(tmp_path / "db.sqlite")
+    writer = _wal_database(path)
+    _write_rows(writer, 20)
+    statements = []
+    frames = sqlite_wal.checkpoint(_checkpointer(path, statements))
+    assert frames > 20
+    assert statements == ["PRAGMA wal_checkpoint(PASSIVE)"]  # below the limit: copy only
+    copy = tmp_path / "alone.db"
+    shutil.copyfile(path, copy)
+    alone = sqlite3.connect(copy)
+    alone.execute("PRAGMA journal_mode=DELETE")
+    assert alone.execute("SELECT count(*) FROM t").fetchone()[0] == 20
+
+
+def test_checkpoint_starts_the_log_over_past_the_limit(tmp_path, monkeypatch):
+    """Under steady load a writer always appends while the copy runs, so SQLite would never
+    start the log over on its own; past the limit the tick does (RESTART)."""
+    path = str(tmp_path / "db.sqlite")
+    writer = _wal_database(path)
+    _write_rows(writer, 20)
+    statements = []
+    checkpointer = _checkpointer(path, statements)
+    monkeypatch.setattr(sqlite_wal, "RESTART_FRAMES", 20)
+    assert sqlite_wal.checkpoint(checkpointer) > 20
+    assert statements == ["PRAGMA wal_checkpoint(PASSIVE)", "PRAGMA wal_checkpoint(RESTART)"]
+    writer.execute("BEGIN")  # a writer that began after the restart writes from the log's start
+    _write_rows(writer, 1)
+    writer.execute("COMMIT")
+    assert sqlite_wal.checkpoint(checkpointer) <= 4
+
+
+def test_checkpoint_gives_way_to_a_busy_writer(tmp_path, monkeypatch):
+    """While a writer holds its lock the tick neither waits nor fails."""
+    path = str(tmp_path / "db.sqlite")
+    writer = _wal_database(path)
+    _write_rows(writer, 30)
+    monkeypatch.setattr(sqlite_wal, "RESTART_FRAMES", 10)
+    writer.execute("BEGIN IMMEDIATE")
+    _write_rows(writer, 1)
+    started = time.monotonic()
+    sqlite_wal.checkpoint(_checkpointer(path, []))
+    assert time.monotonic() - started < 0.5
+    writer.execute("COMMIT")
+    assert writer.execute("SELECT count(*) FROM t").fetchone()[0] == 31
