@@ -1,11 +1,14 @@
 """`make bench`: direct vs LiteLLM proxy vs TokenOpen on one fast fake upstream, in one run.
 
 Starts bench/fake_fast.py, the gateway exactly as `make run` does (bootstrap, then gunicorn
-with one gevent worker, a fresh SQLite database under a temp folder, billing and logging on)
-and the LiteLLM proxy from bench/.litellm-venv (one worker, no database, a master key), then
-measures each target in turn with Debian's `wrk` and a small stream client. Prints a
-markdown table; writes bench/results/latest.json and .md; a full run also refreshes the table
-in bench/README.md. Read the ratios: the machine is shared and noisy.
+with one gevent worker, a fresh SQLite database under a temp folder, billing and logging on),
+the floor of our stack (bench/floor_app.py: Flask on the same gunicorn+gevent, answering a
+canned body or relaying with our upstream client) and the LiteLLM proxy from
+bench/.litellm-venv (one worker, no database, a master key), then measures each target in
+turn with Debian's `wrk` (as fast as answered, then paced below saturation) and a small stream
+client, with each target's CPU per request. Prints a markdown table; writes
+bench/results/latest.json and .md; a full run also refreshes the table in bench/README.md.
+Read the ratios: the machine is shared and noisy.
 
     .venv/bin/python bench/run.py [--only direct,tokenopen] [--duration 5] [--skip-burst]
 """
@@ -33,7 +36,10 @@ ROOT = os.path.dirname(BENCH)
 PYTHON = sys.executable
 LITELLM = os.path.join(BENCH, ".litellm-venv", "bin", "litellm")
 RESULTS = os.path.join(BENCH, "results")
-TARGETS = ("direct", "litellm", "tokenopen")
+TARGETS = ("direct", "floor", "litellm", "tokenopen")
+# Table columns in order; "floor" is two: Flask answering a canned body, Flask relaying.
+COLUMNS = ("direct", "floor_canned", "floor_relay", "litellm", "tokenopen")
+PACED_SECONDS = 10
 MODEL = "bench-model"
 SLOW_MODEL = "slow-model"
 BODY = {"model": MODEL, "messages": [{"role": "user", "content": "hello there"}]}
@@ -95,10 +101,23 @@ def children(pid):
         return [int(p) for p in fh.read().split()]
 
 
-# --- the three targets --------------------------------------------------------------------
+def cpu_seconds(pid):
+    """CPU time (user + system) used so far by `pid` and every process under it: steadier
+    than latency on a shared machine, whose speed varies from minute to minute."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        ticks = int(fields[11]) + int(fields[12])  # utime, stime
+        kids = children(pid)
+    except (OSError, IndexError):
+        return 0.0
+    return ticks / os.sysconf("SC_CLK_TCK") + sum(cpu_seconds(kid) for kid in kids)
+
+
+# --- the targets ---------------------------------------------------------------------------
 
 class Target:
-    """A base URL, its auth and the process to watch for memory."""
+    """A base URL, its auth and the process to watch for memory and CPU."""
 
     def __init__(self, name, base, auth="", proc=None):
         self.name, self.base, self.auth, self.proc = name, base, auth, proc
@@ -156,6 +175,28 @@ def start_tokenopen(workdir, upstream):
     return target
 
 
+def start_floor(workdir, upstream):
+    """bench/floor_app.py on gunicorn+gevent, one worker, as `make run` serves TokenOpen:
+    two targets, Flask answering a canned body and Flask relaying with our upstream client."""
+    port = free_port()
+    env = dict(os.environ, FLOOR_UPSTREAM=upstream, PYTHONPATH=ROOT)
+    config = os.path.join(workdir, "floor.conf.py")  # not gunicorn.conf.py: its hooks start
+    with open(config, "w") as fh:                     # the hold keeper
+        fh.write("control_socket_disable = True\n")
+    proc = start([os.path.join(ROOT, ".venv", "bin", "gunicorn"), "-c", config,
+                  "-k", "gevent", "-w", "1",
+                  "--worker-connections", "2000", "--keep-alive", "75",
+                  "-b", f"127.0.0.1:{port}", "bench.floor_app:app"],
+                 os.path.join(workdir, "floor.log"), cwd=ROOT, env=env)
+    wait_http(f"http://127.0.0.1:{port}/", proc)
+    targets = []
+    for name, prefix in (("floor_canned", "/canned"), ("floor_relay", "/relay")):
+        target = Target(name, f"http://127.0.0.1:{port}{prefix}", proc=proc)
+        target.worker_pid = children(proc.pid)[0]
+        targets.append(target)
+    return targets
+
+
 def litellm_unavailable():
     """Why the LiteLLM proxy cannot run here, or None."""
     if not os.path.exists(LITELLM):
@@ -192,14 +233,21 @@ litellm_settings:
 
 # --- measurements -------------------------------------------------------------------------
 
-def wrk(target, connections, duration):
-    """wrk's figures for `connections` keep-alive connections (latencies in ms)."""
+def wrk(target, connections, duration, rate=None):
+    """wrk's figures for `connections` keep-alive connections (latencies in ms), and the
+    target's CPU per request. With `rate`, the connections are paced to offer about `rate`
+    requests/s in all (random pauses, post.lua); without, each sends as fast as answered."""
     env = dict(os.environ, BENCH_BODY=json.dumps(BODY), BENCH_AUTH=target.auth)
+    if rate:
+        env["BENCH_DELAY_MS"] = str(1000 * connections / rate)
     threads = 1 if connections == 1 else 2
+    cpu_pid = target.proc.pid if target.proc else None
+    cpu_before = cpu_seconds(cpu_pid) if cpu_pid else None
     out = subprocess.run(["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{duration}s",
                           "--timeout", "30s", "-s", os.path.join(BENCH, "lua", "post.lua"),
                           target.url], env=env, capture_output=True, text=True,
                          timeout=duration + 60)
+    cpu = cpu_seconds(cpu_pid) - cpu_before if cpu_pid else None
     line = next(l for l in out.stdout.splitlines() if l.startswith("BENCH_JSON "))
     raw = json.loads(line[len("BENCH_JSON "):])
     errors = {k[len("errors_"):]: v for k, v in raw.items() if k.startswith("errors_") and v}
@@ -207,7 +255,10 @@ def wrk(target, connections, duration):
             "rps": round(raw["requests"] / (raw["duration_us"] / 1e6), 1),
             "p50_ms": raw["p50"] / 1000, "p95_ms": raw["p95"] / 1000,
             "p99_ms": raw["p99"] / 1000, "max_ms": raw["max"] / 1000,
-            "errors": sum(errors.values()), "errors_by_kind": errors}
+            "errors": sum(errors.values()), "errors_by_kind": errors,
+            "offered_rps": rate,
+            "cpu_ms_per_request": round(1000 * cpu / raw["requests"], 3)
+            if cpu is not None and raw["requests"] else None}
 
 
 def pct(values, p):
@@ -306,10 +357,18 @@ def burst(target, streams, timeout):
 
 
 def measure(target, args):
-    """Every figure of one target, with a short warm-up first."""
-    print(f"-- {target.name}: warm-up, sequential / 50 / 200 connections and "
-          f"{args.ttft_streams} streams", flush=True)
+    """Every figure of one target, with a short warm-up first (the floors: sequential and 50
+    connections only; they have no streams)."""
+    floor = target.name.startswith("floor")
+    print(f"-- {target.name}: warm-up, sequential / 50 / 200 connections"
+          + ("" if floor else f" and {args.ttft_streams} streams"), flush=True)
     wrk(target, 4, 1)
+    if floor:
+        figures = {"sequential": wrk(target, 1, args.duration)}
+        figures["c50"] = wrk(target, 50, args.duration)
+        print(f"   {target.name}: sequential p50 {figures['sequential']['p50_ms']:.2f} ms, "
+              f"50 connections {figures['c50']['rps']} req/s", flush=True)
+        return figures
     ttft(target, 5)
     figures = {"sequential": wrk(target, 1, args.duration)}
     # wrk counts the requests that finish inside its window, and a saturated server finishes
@@ -328,6 +387,32 @@ def measure(target, args):
     return figures
 
 
+def paced_rate(results, args):
+    """The offered load of the paced runs: --paced-rate, else half what the LiteLLM proxy
+    answered at 50 connections (a load both gateways can carry), else 100 req/s."""
+    if args.paced_rate:
+        return args.paced_rate
+    litellm = results["targets"].get("litellm", {}).get("c50", {}).get("rps")
+    return max(1, round(litellm / 2)) if litellm else 100
+
+
+def measure_paced(targets, results, args):
+    """Latency at 50 connections below saturation, where a closed loop at 50 connections only
+    measures its own queue (50 / throughput): every target at one common offered rate, and
+    the gateways and floors also at half their own 50-connection throughput."""
+    common = paced_rate(results, args)
+    duration = max(args.duration, PACED_SECONDS)
+    for target in targets:
+        figures = results["targets"][target.name]
+        print(f"-- {target.name}: 50 connections paced at {common} req/s", flush=True)
+        figures["c50_paced"] = wrk(target, 50, duration, rate=common)
+        if target.name != "direct":
+            half = max(1, round(figures["c50"]["rps"] / 2))
+            print(f"-- {target.name}: 50 connections paced at {half} req/s (half its own)",
+                  flush=True)
+            figures["c50_half"] = wrk(target, 50, duration, rate=half)
+
+
 # --- report -------------------------------------------------------------------------------
 
 def _errors(fig):
@@ -340,32 +425,58 @@ def _errors(fig):
 
 def table(results):
     """The markdown table of one run (added = this target minus direct)."""
-    measured = [t for t in TARGETS if t in results["targets"]]
+    measured = [t for t in COLUMNS if t in results["targets"]]
     direct = results["targets"].get("direct")
-    names = {"direct": "direct to upstream", "litellm": f"LiteLLM proxy {LITELLM_VERSION}",
+    names = {"direct": "direct to upstream", "floor_canned": "floor: Flask, canned body",
+             "floor_relay": "floor: Flask relaying", "litellm": f"LiteLLM proxy {LITELLM_VERSION}",
              "tokenopen": "TokenOpen"}
 
-    def cell(name, section, keys, added=True):
-        fig = results["targets"][name][section]
-        if name == "direct" or not direct or not added:
+    def cell(name, section, keys, added=True, basis=None):
+        fig = results["targets"][name].get(section)
+        if fig is None:
+            return "—"
+        base = (direct or {}).get(basis or section)
+        if name == "direct" or not base or not added:
             text = " / ".join(f"{fig[k]:.2f}" for k in keys) + " ms"
         else:
-            text = " / ".join(f"+{fig[k] - direct[section][k]:.2f}" for k in keys) + " ms"
+            text = " / ".join(f"+{fig[k] - base[k]:.2f}" for k in keys) + " ms"
+        if section == "c50_half":
+            text += f" at {fig['offered_rps']:,} req/s"
         return text + _errors(fig)
 
     def rps(name, section):
-        fig = results["targets"][name][section]
+        fig = results["targets"][name].get(section)
+        if fig is None:
+            return "—"
         text = f"{fig['rps']:,.0f}"
         if name == "tokenopen" and results["targets"].get("litellm", {}).get(section, {}).get("rps"):
             text += f" ({fig['rps'] / results['targets']['litellm'][section]['rps']:.1f}× LiteLLM)"
         return text + _errors(fig)
+
+    def cpu(name):
+        fig = results["targets"][name].get("c50") or {}
+        value = fig.get("cpu_ms_per_request")
+        return "—" if value is None else f"{value:.2f} ms"
     keys = ("p50_ms", "p95_ms", "p99_ms")
+    paced = (direct or {}).get("c50_paced", {}).get("offered_rps")
     rows = [
         ("latency p50 / p95 / p99, sequential, non-stream (direct; others: added)",
          [cell(n, "sequential", keys) for n in measured]),
-        ("latency p50 / p95 / p99 at 50 connections (direct; others: added)",
-         [cell(n, "c50", keys) for n in measured]),
+        ("latency p50 / p95 / p99 at 50 connections, each sending as fast as answered "
+         "(direct; others: added)", [cell(n, "c50", keys) for n in measured]),
+    ]
+    if paced:
+        rows += [
+            (f"latency p50 / p95 / p99 at 50 connections paced at {paced:,} req/s in all "
+             "(direct; others: added)", [cell(n, "c50_paced", keys) for n in measured]),
+            ("latency p50 / p95 / p99 at 50 connections paced at half the target's own "
+             f"throughput (added to direct at {paced:,} req/s)",
+             [cell(n, "c50_half", keys, basis="c50_paced") for n in measured]),
+        ]
+    rows += [
         ("requests/s at 50 connections", [rps(n, "c50") for n in measured]),
+        ("CPU per request at 50 connections (the target's processes)",
+         [cpu(n) for n in measured]),
         ("requests/s at 200 connections", [rps(n, "c200") for n in measured]),
         ("time to first token p50 / p95 / p99, sequential streams (direct; others: added)",
          [cell(n, "ttft", keys) for n in measured]),
@@ -407,7 +518,7 @@ def update_readme(markdown, results):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--only", default=",".join(TARGETS),
-                        help="comma-separated subset of direct,litellm,tokenopen")
+                        help="comma-separated subset of direct,floor,litellm,tokenopen")
     parser.add_argument("--duration", type=int, default=6, help="seconds per wrk run")
     parser.add_argument("--ttft-streams", type=int, default=200)
     parser.add_argument("--streams", type=int, default=2000, help="burst size (TokenOpen)")
@@ -415,6 +526,10 @@ def main():
     parser.add_argument("--slow-interval", type=float, default=1.0,
                         help="seconds between chunks of a burst stream")
     parser.add_argument("--slow-chunks", type=int, default=5, help="tokens per burst stream")
+    parser.add_argument("--paced-rate", type=int, default=0,
+                        help="req/s offered by the paced runs at 50 connections "
+                             "(default: half the LiteLLM proxy's 50-connection throughput)")
+    parser.add_argument("--skip-paced", action="store_true")
     parser.add_argument("--report", metavar="JSON",
                         help="only print the table of a saved run (e.g. bench/results/latest.json)")
     parser.add_argument("--no-readme", action="store_true",
@@ -456,7 +571,11 @@ def main():
         fake_port = free_port()
         procs.append(start_fake(fake_port, workdir, args.slow_interval, args.slow_chunks))
         upstream = f"http://127.0.0.1:{fake_port}"
-        targets = [Target("direct", upstream)]
+        targets = [Target("direct", upstream, proc=procs[-1])]
+        if "floor" in wanted:
+            print("starting the floor (Flask on gunicorn+gevent)...", flush=True)
+            targets += start_floor(workdir, upstream)
+            procs.append(targets[-1].proc)
         if "tokenopen" in wanted:
             print("starting TokenOpen (bootstrap, seed, gunicorn)...", flush=True)
             targets.append(start_tokenopen(workdir, upstream))
@@ -470,9 +589,13 @@ def main():
                 skipped["litellm"] = f"{err}; see {workdir}/litellm.log"
                 print(f"LiteLLM skipped: {skipped['litellm']}", flush=True)
         time.sleep(1)
-        for target in sorted(targets, key=lambda t: TARGETS.index(t.name)):
-            idle = round(rss_mb(target.worker_pid), 1) if target.worker_pid else None
+        targets.sort(key=lambda t: COLUMNS.index(t.name))
+        for target in targets:
+            idle = round(rss_mb(target.worker_pid), 1) \
+                if target.worker_pid and not target.name.startswith("floor") else None
             results["targets"][target.name] = dict(measure(target, args), rss_idle_mb=idle)
+        if not args.skip_paced:
+            measure_paced(targets, results, args)
         tokenopen = next((t for t in targets if t.name == "tokenopen"), None)
         if tokenopen and not args.skip_burst:
             print(f"-- tokenopen: {args.streams} concurrent slow streams", flush=True)
@@ -490,7 +613,8 @@ def main():
         fh.write(f"{results['date']}\n\n{markdown}\n")
     print("\n" + markdown + f"\n\n(bench took {results['elapsed_s']} s; "
           f"bench/results/latest.json has every figure)")
-    full = set(results["targets"]) == set(TARGETS) and "burst" in results
+    full = set(results["targets"]) == set(COLUMNS) and "burst" in results and \
+        "c50_paced" in results["targets"]["tokenopen"]
     if full and not args.no_readme:
         update_readme(markdown, results)
         print("bench/README.md updated")

@@ -1,10 +1,22 @@
 -- wrk script: POST the bench chat request with the auth header from the environment, and print
 -- one JSON line of figures (latency in microseconds) for bench/run.py to read.
+-- BENCH_DELAY_MS paces each connection: before each request it waits a random time with that
+-- mean (exponential, so arrivals are Poisson-like), for latency at a chosen offered rate.
 wrk.method = "POST"
 wrk.body = os.getenv("BENCH_BODY")
 wrk.headers["Content-Type"] = "application/json"
 if os.getenv("BENCH_AUTH") and os.getenv("BENCH_AUTH") ~= "" then
   wrk.headers["Authorization"] = "Bearer " .. os.getenv("BENCH_AUTH")
+end
+
+local pause = tonumber(os.getenv("BENCH_DELAY_MS") or "")
+if pause and pause > 0 then
+  init = function(args)
+    math.randomseed(math.floor(os.clock() * 1e9) + tonumber(tostring({}):match("0x(%x+)"), 16))
+  end
+  delay = function()
+    return math.floor(-pause * math.log(1 - math.random()))
+  end
 end
 
 done = function(summary, latency, requests)
