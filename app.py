@@ -53,10 +53,7 @@ def add_web(app):
         user = db.session.scalar(db.select(User).filter_by(session_token=session_token))
         return user if user is not None and not user.disabled else None
     csrf.init_app(app)
-    limiter.init_app(app)
-    # Only console routes carry Flask-Limiter limits (login, register); /v1 is limited by
-    # rate_limits.py, and skipping the extension's lookups there is ~5% of a /v1 request.
-    limiter.request_filter(lambda: request.path.startswith("/v1/"))
+    limiter.init_app(app)  # console routes only (login, register); /v1: rate_limits.py
 
     from blueprints.admin.routes import bp as admin_bp
     from blueprints.api.routes import bp as api_bp

@@ -66,6 +66,25 @@ def test_api_neither_reads_nor_sets_the_console_session(app, client, factory):
     assert "Set-Cookie" in console.headers  # and the console does re-sign it
 
 
+def test_flask_limiter_checks_console_requests_but_not_the_api(client, monkeypatch):
+    """/v1 has its own limits (rate_limits.py): Flask-Limiter's app-wide check skips it, and
+    still runs before console requests (the login limits are tested in test_auth.py)."""
+    from flask_limiter import Limiter
+    checked = []
+    original = Limiter._check_request_limit
+
+    def spy(self, callable_name=None, in_middleware=True):
+        from flask import request
+        checked.append((request.path, in_middleware))
+        return original(self, callable_name, in_middleware)
+    monkeypatch.setattr(Limiter, "_check_request_limit", spy)
+    assert client.post("/v1/chat/completions", json={}).status_code == 401
+    assert client.get("/v1/models").status_code == 401
+    assert checked == []
+    client.post("/login", data={"email": "nobody@example.com", "password": "wrong"})
+    assert ("/login", True) in checked
+
+
 def test_no_template_has_inline_script_or_handler():
     """The CSP forbids inline scripts, so none may exist to break."""
     import glob
