@@ -36,6 +36,17 @@ def post_worker_init(worker):
     start_keeper(worker.wsgi, delivered_so_far, worker)
     from retention import start_pruner
     start_pruner(worker.wsgi)
+    freeze_startup_objects()
+
+
+def freeze_startup_objects():
+    """Collect once, then move every object alive now (modules, the app, its caches' classes:
+    ~100k) out of the collector's reach. A full collection walked them all, 80-115 ms on this
+    VM's core, stalling every request in flight (the sequential p99); after the freeze it
+    walks only what was made since (11 ms). Nothing alive now is garbage, so nothing leaks."""
+    import gc
+    gc.collect()
+    gc.freeze()
 
 
 def _prometheus_dir():

@@ -1,5 +1,7 @@
-"""SQLite's WAL checkpoints run beside the requests, not inside the writer's commits
-(sqlite_wal.py): in a served worker, on the live gateway, and the checkpoint tick itself."""
+"""What used to stall a whole served worker, every request in flight with it: SQLite's WAL
+checkpoints inside the writer's commits (now beside them, sqlite_wal.py: on the live gateway
+and the checkpoint tick itself) and full garbage collections over every start-up object (now
+frozen, gunicorn.conf.py)."""
 import os
 import shutil
 import sqlite3
@@ -122,3 +124,21 @@ def test_checkpoint_gives_way_to_a_busy_writer(tmp_path, monkeypatch):
     assert time.monotonic() - started < 0.5
     writer.execute("COMMIT")
     assert writer.execute("SELECT count(*) FROM t").fetchone()[0] == 31
+
+
+def test_served_worker_freezes_what_it_started_with(tmp_path):
+    """gunicorn.conf.py's post_worker_init ends by freezing the start-up objects, so a full
+    collection no longer walks the ~100k of them while requests wait (a subprocess: the
+    config file sets the metrics folder in its environment when read)."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = ("import gc, runpy; import flask, sqlalchemy; "
+              "ns = runpy.run_path('gunicorn.conf.py'); before = gc.get_freeze_count(); "
+              "ns['freeze_startup_objects'](); print(before, gc.get_freeze_count())")
+    env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "metrics"))
+    done = subprocess.run([sys.executable, "-c", script], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    before, after = map(int, done.stdout.split())
+    assert before == 0 and after > 10_000
