@@ -8,7 +8,7 @@ HOST    ?= 127.0.0.1
 PORT    ?= 8000
 PYTEST_ARGS ?= -n 2
 
-.PHONY: run test setup deps test-deps browser nginx services migration clean bench bench-litellm wrk
+.PHONY: run test setup deps test-deps browser nginx services migration clean bench bench-litellm wrk profile
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -61,6 +61,11 @@ wrk:
 bench: deps wrk
 	@$(MAKE) --no-print-directory bench-litellm || echo "LiteLLM proxy not installed: direct vs TokenOpen only"
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+# Where the worker's CPU goes under load (py-spy, installed here on first use; bench/README.md).
+profile: deps wrk
+	@test -x $(BIN)/py-spy || $(BIN)/pip install -q py-spy
+	$(BIN)/python bench/profile.py $(PROFILE_ARGS)
 
 # A new migration revision for a models.py change: `make migration MSG="add x to y"`.
 # It diffs models.py against a scratch database upgraded to the current head.
