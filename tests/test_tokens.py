@@ -64,6 +64,23 @@ def test_the_tokenizer_loads_lazily():
         "/blueprints/", 1)[0])
 
 
+def test_a_gevent_worker_is_not_kept_waiting_for_the_tables():
+    """tokens.ready() in a gevent worker answers False at once while the tables load in the
+    background (the hold keeper checkpoints with a byte estimate meanwhile), True after."""
+    code = ("from gevent import monkey; monkey.patch_all(); "
+            "from blueprints.api import tokens; "
+            "assert tokens.ready() is False and not tokens._tokenizer; "
+            "assert tokens.ready() is False and len(tokens._loading) == 1; "
+            "tokens._loading[0].join(60); assert tokens.ready() is True; "
+            "assert tokens.checkpoint_estimate('hello world') == 3; "  # 11 bytes / 4
+            "body = {'messages': [{'role': 'user', 'content': 'hello world'}]}; "
+            "framing, texts = tokens._prompt_texts(body); "
+            "assert tokens.checkpoint_prompt_estimate(body) == "
+            "framing + sum(-(-len(t.encode()) // 4) for t in texts)")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tokens.__file__.rsplit(
+        "/blueprints/", 1)[0])
+
+
 # --- the prompt a hold reserves: a byte bound for short prompts, no tokenizer ------------------
 # o200k on these samples (UTF-8 bytes per token, measured 2026-11-30): English prose 4.0, Python
 # 4.4, JSON tool schemas 3.6, Chinese 4.3, Japanese 3.4, Korean 4.0, digits 3.0; random ASCII

@@ -30,8 +30,10 @@ from blueprints.api.providers.anthropic_convert import messages_via_chat
 from blueprints.api.providers.base import Call, StreamBroken, UpstreamFailure, Usage
 from blueprints.api.routing import choose_channels, model_exists, note_failure, note_success
 from blueprints.api.scrub import channel_secrets, scrub_upstream_text, storable_text
-from blueprints.api.tokens import (admit_prompt_tokens, count_text, estimate_prompt_tokens,
-                                   reserve_prompt_tokens)
+from blueprints.api.tokens import (admit_prompt_tokens, checkpoint_estimate,
+                                   checkpoint_prompt_estimate, count_text,
+                                   estimate_prompt_tokens, reserve_prompt_tokens)
+from blueprints.api.tokens import ready as tokenizer_ready
 from blueprints.api.validation import check_model_name, validate_body
 from extensions import db
 from models import ApiKey, Group, Setting, User, split_list, utcnow
@@ -591,10 +593,15 @@ def delivered_so_far(flight):
     if not usage.reported:
         pieces, tokens = flight.counted
         new = reply.output_text[pieces:]
-        if new:
-            tokens += count_text("".join(new))
-            flight.counted = (pieces + len(new), tokens)
-        usage = _estimated_usage(flight, reply, tokens)
+        if not tokenizer_ready():  # estimates now, not the keeper waiting for the tables
+            prompt = checkpoint_prompt_estimate(flight.call.body) if flight.call else 0
+            usage = _estimated_usage(flight, reply, tokens + checkpoint_estimate("".join(new)),
+                                     prompt=prompt)
+        else:
+            if new:
+                tokens += count_text("".join(new))
+                flight.counted = (pieces + len(new), tokens)
+            usage = _estimated_usage(flight, reply, tokens)
     return usage, _cost(flight, usage)
 
 
@@ -661,8 +668,9 @@ def _absurd_bound(flight):
         + ABSURD_USAGE_FLOOR
 
 
-def _estimated_usage(flight, reply, counted_output):
-    """Usage from what we know: believable partial numbers, else the local counts."""
+def _estimated_usage(flight, reply, counted_output, prompt=None):
+    """Usage from what we know: believable partial numbers, else the local counts (`prompt`:
+    the prompt's count when the caller has one, else it is counted here)."""
     reported = reply.usage
     bound = _absurd_bound(flight)
 
@@ -670,7 +678,8 @@ def _estimated_usage(flight, reply, counted_output):
         ok = isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= limit
         return value if ok else 0
 
-    prompt = sane(reported.prompt_tokens) or _counted_prompt(flight)
+    prompt = sane(reported.prompt_tokens) or (_counted_prompt(flight) if prompt is None
+                                              else prompt)
     cached = sane(reported.cached_tokens, prompt)
     # Images and audio seconds nobody reported are taken at what was asked / reserved for.
     images = sane(reported.images, ABSURD_USAGE_FACTOR * max(flight.images, 1)) or flight.images
