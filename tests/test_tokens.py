@@ -56,12 +56,17 @@ def test_a_huge_body_is_estimated_whole():
     assert tokens.estimate_prompt_tokens(body) == 5 * (3 + per_message) + 3
 
 
+def _in_a_fresh_process(code):
+    """Run `code` in a new interpreter at the project root (nothing imported or loaded yet)."""
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tokens.__file__.rsplit(
+        "/blueprints/", 1)[0])
+
+
 def test_the_tokenizer_loads_lazily():
     code = ("import sys; from blueprints.api import tokens; "
             "assert 'bpe_openai' not in sys.modules; tokens.warm(); "
             "assert 'bpe_openai' in sys.modules")
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=tokens.__file__.rsplit(
-        "/blueprints/", 1)[0])
+    _in_a_fresh_process(code)
 
 
 def test_a_gevent_worker_is_not_kept_waiting_for_the_tables():
@@ -77,8 +82,7 @@ def test_a_gevent_worker_is_not_kept_waiting_for_the_tables():
             "framing, texts = tokens._prompt_texts(body); "
             "assert tokens.checkpoint_prompt_estimate(body) == "
             "framing + sum(-(-len(t.encode()) // 4) for t in texts)")
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=tokens.__file__.rsplit(
-        "/blueprints/", 1)[0])
+    _in_a_fresh_process(code)
 
 
 # --- the prompt a hold reserves: a byte bound for short prompts, no tokenizer ------------------
@@ -152,8 +156,7 @@ def test_a_short_prompt_is_reserved_without_loading_the_tokenizer():
             "body['messages'][0]['content'] = 'hello ' * 400; "
             "assert tokens.reserve_prompt_tokens(body) == tokens.estimate_prompt_tokens(body); "
             "assert 'bpe_openai' in sys.modules")
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=tokens.__file__.rsplit(
-        "/blueprints/", 1)[0])
+    _in_a_fresh_process(code)
 
 
 def test_the_tokenizer_loads_in_a_native_thread_inside_a_gevent_worker():
@@ -177,5 +180,4 @@ assert seen and seen[0] != main, seen
 assert ticks, "no greenlet ran while the tokenizer loaded"
 ticker.kill()
 """
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=tokens.__file__.rsplit(
-        "/blueprints/", 1)[0])
+    _in_a_fresh_process(code)
