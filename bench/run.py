@@ -54,7 +54,8 @@ def free_port():
 
 
 def wait_http(url, proc, timeout=60):
-    """Poll `url` until it answers below 500; fail early when `proc` died."""
+    """Poll `url` until it answers below 500; fail early when `proc` died, and stop it when
+    it never answers (the caller has not taken it into its list of processes to stop yet)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
@@ -66,6 +67,7 @@ def wait_http(url, proc, timeout=60):
         except OSError:
             pass
         time.sleep(0.2)
+    stop(proc)
     raise RuntimeError(f"{url} did not come up in {timeout} s")
 
 
