@@ -86,7 +86,7 @@ def ready():
 
 def checkpoint_estimate(text):
     """Tokens in `text` for a checkpoint taken while the tables load: UTF-8 bytes / 4."""
-    return math.ceil(utf8_size(text) / CHECKPOINT_BYTES_PER_TOKEN) if text else 0
+    return estimate_from_bytes(text, CHECKPOINT_BYTES_PER_TOKEN)
 
 
 def checkpoint_prompt_estimate(body):
@@ -129,9 +129,9 @@ def utf8_size(text):
     return size
 
 
-def estimate_from_bytes(text):
-    """ceil(UTF-8 bytes / BYTES_PER_TOKEN): no tokenizer needed."""
-    return math.ceil(utf8_size(text) / BYTES_PER_TOKEN) if text else 0
+def estimate_from_bytes(text, bytes_per_token=BYTES_PER_TOKEN):
+    """ceil(UTF-8 bytes / bytes_per_token): no tokenizer needed."""
+    return math.ceil(utf8_size(text) / bytes_per_token) if text else 0
 
 
 def count_text(text, exact=True):
