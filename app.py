@@ -1,5 +1,6 @@
 """The application factory: config, extensions, blueprints, error handlers, CLI."""
 import os
+import sqlite3
 
 from flask import Flask, jsonify, request
 from flask.sessions import SecureCookieSessionInterface
@@ -139,13 +140,21 @@ def private_sqlite_file(uri):
             pass
 
 
+@event.listens_for(Engine, "do_connect")
+def _patient_sqlite(dialect, conn_rec, cargs, cparams):
+    """SQLite connections wait for a locked database without stalling a gevent worker
+    (sqlite_wal.PatientConnection)."""
+    if dialect.name == "sqlite":
+        cparams.setdefault("factory", sqlite_wal.PatientConnection)
+
+
 @event.listens_for(Engine, "connect")
 def _sqlite_pragmas(dbapi_connection, connection_record):
-    """WAL lets readers run beside the writer; busy_timeout waits instead of failing."""
-    if type(dbapi_connection).__module__.startswith("sqlite3"):
+    """WAL lets readers run beside the writer; a locked database is waited for, not failed
+    (sqlite_wal.connection_pragmas)."""
+    if isinstance(dbapi_connection, sqlite3.Connection):
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA busy_timeout=10000")
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute("PRAGMA foreign_keys=ON")
         sqlite_wal.connection_pragmas(cursor)

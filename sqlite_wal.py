@@ -16,24 +16,80 @@ checkpointer starts the log over itself (RESTART, without waiting: it gives up a
 writer or reader is busy and tries again next tick). That briefly holds writers back, once per
 ~16 MB of log, instead of a checkpoint with two fsyncs inside every ~4 MB's commit. The log
 file keeps its largest size (tens of MB) and is written over from its start.
+
+Writers wait while a RESTART finishes (its last copy and fsync: ~3-30 ms on this VM's disk),
+or while another process (the admin CLI, another worker) holds the write lock. SQLite's own
+busy handler waits by sleeping the calling thread: in a gevent worker, the hub with every
+greenlet on it, for as long as the lock is held (up to the 10 s busy timeout). So a served
+worker's connections have busy timeout 0 and wait their own way (`PatientCursor`): a locked
+statement is retried after a gevent sleep, while streams flow and other requests go on.
 """
 import logging
 import sqlite3
+import time
 
 from sqlalchemy import make_url
 
 INTERVAL_SECONDS = 0.5
 RESTART_FRAMES = 4096  # log frames (4 KB pages) before the checkpointer starts the log over
 STUCK_FRAMES = 16 * RESTART_FRAMES  # then it waits (up to 1 s) for writers to let it
+BUSY_TIMEOUT_MS = 10_000  # every connection's busy timeout (app._sqlite_pragmas)
+BUSY_PAUSE_SECONDS = 0.0005  # the first wait for a locked database, doubling up to the max
+BUSY_PAUSE_MAX_SECONDS = 0.005
+SQLITE_BUSY = 5  # "database is locked"; extended codes share its low byte
+SQLITE_BUSY_SNAPSHOT = 517  # a read snapshot too old to write from: waiting never helps
 log = logging.getLogger(__name__)
 _in_background = False  # set in a served worker once its checkpointer runs
 
 
 def connection_pragmas(cursor):
-    """For every new SQLite connection (app._sqlite_pragmas): no checkpoint inside commits
-    once this process checkpoints in the background."""
+    """For every new SQLite connection (app._sqlite_pragmas): the busy timeout; once this
+    process checkpoints in the background, no checkpoint inside commits, and a locked
+    database reported at once, for PatientCursor to wait for without stalling the worker."""
     if _in_background:
         cursor.execute("PRAGMA wal_autocheckpoint=0")
+        cursor.execute("PRAGMA busy_timeout=0")
+    else:
+        cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+
+
+class PatientCursor(sqlite3.Cursor):
+    """A cursor whose statements wait for a locked database with `time.sleep` (gevent's in a
+    served worker) instead of SQLite's busy handler, which sleeps the whole thread."""
+
+    def execute(self, *args):
+        return _patiently(super().execute, args)
+
+    def executemany(self, *args):
+        return _patiently(super().executemany, args)
+
+
+class PatientConnection(sqlite3.Connection):
+    """sqlite3.connect(factory=...) for the app's engine (config._engine_options): its
+    cursors, which SQLAlchemy runs every statement on, are PatientCursors."""
+
+    def cursor(self, factory=PatientCursor):
+        return super().cursor(factory)
+
+
+def _patiently(call, args):
+    """call(*args), retried while SQLite answers SQLITE_BUSY, for up to BUSY_TIMEOUT_MS in
+    all: what SQLite's busy handler does, but sleeping one greenlet. As with the handler, a
+    stale snapshot (SQLITE_BUSY_SNAPSHOT) fails at once. Outside a served worker SQLite
+    waits as usual (`connection_pragmas`) and nothing is retried here."""
+    if not _in_background:
+        return call(*args)
+    waited, pause = 0.0, BUSY_PAUSE_SECONDS
+    while True:
+        try:
+            return call(*args)
+        except sqlite3.OperationalError as err:
+            code = getattr(err, "sqlite_errorcode", 0)
+            if code & 0xFF != SQLITE_BUSY or code == SQLITE_BUSY_SNAPSHOT \
+                    or waited >= BUSY_TIMEOUT_MS / 1000:
+                raise
+        time.sleep(pause)  # gevent's in a served worker: every other greenlet runs meanwhile
+        waited, pause = waited + pause, min(2 * pause, BUSY_PAUSE_MAX_SECONDS)
 
 
 def database_file(uri):
@@ -57,6 +113,9 @@ def start_checkpointer(app):
         return False  # not a gevent worker: SQLite's own checkpoints block nobody else
     sleep = monkey.get_original("time", "sleep")
     _in_background = True
+    with app.app_context():  # connections opened before now reopen with connection_pragmas'
+        from extensions import db
+        db.engine.dispose()
     get_hub().threadpool.spawn(_checkpoint_forever, path, sleep)
     return True
 

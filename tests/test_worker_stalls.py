@@ -6,9 +6,12 @@ import os
 import shutil
 import sqlite3
 import time
+from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 import requests
 from sqlalchemy import create_engine, make_url, text
+from sqlalchemy.exc import OperationalError
 
 import sqlite_wal
 
@@ -45,6 +48,92 @@ def test_served_worker_checkpoints_in_the_background(live, tmp_path):
     while (found := _rows_in_database_file(db_path, request_ids, tmp_path)) != set(request_ids):
         assert time.monotonic() < deadline, f"only {found} reached {db_path}"
         time.sleep(0.2)
+
+
+def test_a_locked_database_holds_back_the_writer_not_the_worker(live):
+    """While another connection holds SQLite's write lock (as a RESTART checkpoint does
+    while it finishes), the writer waits for it with gevent sleeps: the worker goes on
+    answering, and the chat request waiting for its hold completes once the lock goes.
+    SQLite's own busy handler would sleep the worker's one thread: /healthz would wait too."""
+    key = live.member(credits=100)
+    locker = sqlite3.connect(make_url(live.db_url).database, isolation_level=None, timeout=10)
+    locker.execute("BEGIN IMMEDIATE")  # the write lock, as a RESTART holds it
+    locked_at = time.monotonic()
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            chat = pool.submit(requests.post, f"{live.base_url}/chat/completions",
+                               json=CHAT_BODY, headers={"Authorization": f"Bearer {key}"},
+                               timeout=30)
+            time.sleep(0.3)
+            assert not chat.done(), "the chat request should be waiting for the lock"
+            asked = time.monotonic()
+            health = requests.get(f"{live.url}/healthz", timeout=10)
+            health_seconds = time.monotonic() - asked
+            time.sleep(max(0.0, locked_at + 1.5 - time.monotonic()))
+            assert not chat.done(), "the chat request should still be waiting for the lock"
+            locker.execute("ROLLBACK")
+            answer = chat.result()
+    finally:
+        locker.close()
+    assert health.status_code == 200, health.text
+    assert health_seconds < 0.5, f"/healthz took {health_seconds:.2f} s behind the lock"
+    assert answer.status_code == 200, answer.text
+    with live.app.app_context():
+        from models import RequestLog
+        row = RequestLog.query.filter_by(request_id=answer.headers["x-request-id"]).one()
+        assert row.status == "Success" and row.credits_micro > 0
+
+
+def test_a_served_workers_statement_waits_for_the_lock_with_time_sleep(tmp_path, monkeypatch):
+    """With the worker's checkpointer on, SQLite reports a locked database at once and the
+    statement is retried after each time.sleep (gevent's in a served worker) until the lock
+    goes; without it, SQLite's own busy timeout is in force and nothing is retried here."""
+    from app import _sqlite_pragmas  # noqa: F401 - registers the connect listeners
+    engine = create_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE t (x INTEGER)"))
+        assert conn.execute(text("PRAGMA busy_timeout")).scalar() == sqlite_wal.BUSY_TIMEOUT_MS
+    engine.dispose()
+    monkeypatch.setattr(sqlite_wal, "_in_background", True)
+    locker = sqlite3.connect(tmp_path / "db.sqlite", isolation_level=None)
+    locker.execute("BEGIN IMMEDIATE")
+    naps, release_after = [], [3]
+
+    def nap(seconds):  # the lock goes after the third wait (the first time)
+        naps.append(seconds)
+        if len(naps) == release_after[0]:
+            locker.execute("ROLLBACK")
+
+    monkeypatch.setattr(sqlite_wal.time, "sleep", nap)
+    with engine.begin() as conn:
+        assert conn.execute(text("PRAGMA busy_timeout")).scalar() == 0
+        conn.execute(text("INSERT INTO t VALUES (1)"))
+    assert naps == [0.0005, 0.001, 0.002]
+    locker.execute("BEGIN IMMEDIATE")
+    naps.clear()
+    release_after[0] = None
+    monkeypatch.setattr(sqlite_wal, "BUSY_TIMEOUT_MS", 20)  # then it gives up, as SQLite would
+    with pytest.raises(OperationalError, match="database is locked"):
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO t VALUES (2)"))
+    assert sum(naps) >= 0.02 and max(naps) == sqlite_wal.BUSY_PAUSE_MAX_SECONDS
+    locker.execute("ROLLBACK")
+    # A transaction whose snapshot is older than the last commit can never write: it fails
+    # at once (SQLITE_BUSY_SNAPSHOT), as under SQLite's own busy handler.
+    reader = sqlite3.connect(tmp_path / "db.sqlite", isolation_level=None,
+                             factory=sqlite_wal.PatientConnection)
+    reader.execute("PRAGMA busy_timeout=0")
+    stale = reader.cursor()
+    stale.execute("BEGIN")
+    stale.execute("SELECT count(*) FROM t").fetchone()
+    locker.execute("INSERT INTO t VALUES (3)")
+    naps.clear()
+    with pytest.raises(sqlite3.OperationalError) as refused:
+        stale.execute("INSERT INTO t VALUES (4)")
+    assert refused.value.sqlite_errorcode == sqlite_wal.SQLITE_BUSY_SNAPSHOT and naps == []
+    reader.close()
+    locker.close()
+    engine.dispose()
 
 
 def test_connections_skip_commit_checkpoints_only_with_a_checkpointer(tmp_path, monkeypatch):
