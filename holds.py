@@ -24,6 +24,7 @@ Lock order everywhere is hold row -> user row -> key row, so PostgreSQL never de
 these paths; write transactions start with a write so SQLite's WAL snapshots never need an
 upgrade that could fail.
 """
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -336,6 +337,9 @@ def release_credits(hold):
 
 # --- sweep -------------------------------------------------------------------------------
 
+# Between two settlements of a sweep a gevent worker's loop turns (I/O, timers: its requests
+# go on; sleep(0) would not poll): a dead worker's thousands of streams stalled it for seconds.
+TURN_SECONDS = 0.0001
 _CLAIM_LAPSED = delete(HOLDS).where(HOLDS.c.request_id == bindparam("rid"),
                                     HOLDS.c.lease_until < bindparam("now"))
 
@@ -351,6 +355,7 @@ def sweep_lapsed(max_age_seconds=0):
     db.session.commit()  # end the read so each settlement starts with its write
     settled = 0
     for hold in lapsed:
+        time.sleep(TURN_SECONDS)
         try:
             if db.session.execute(_CLAIM_LAPSED, {"rid": hold.request_id, "now": now}) \
                     .rowcount != 1:

@@ -1,10 +1,12 @@
 """Test helpers: row factories, PostgreSQL databases, and the live server processes."""
 import contextlib
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 
 import requests
@@ -368,3 +370,40 @@ def insert_logs(rows):
     db.session.commit()
     rebuild_usage_daily(sorted({row["user_id"] for row in full}))
     return full
+
+
+_TICKING = """
+import gc, json, time
+import gevent
+gc.collect()
+gc.freeze()  # as a served worker does (gunicorn.conf.py): full collections stay short
+_gaps, _done = [], []
+def _tick():
+    last = time.monotonic()
+    while not _done:
+        gevent.sleep(0.005)
+        now = time.monotonic()
+        _gaps.append(now - last)
+        last = now
+_ticker = gevent.spawn(_tick)
+_result = gevent.spawn(lambda: {work}).get()
+_done.append(True)
+_ticker.join()
+print(json.dumps({{"result": _result, "longest_gap": max(_gaps)}}))
+"""
+
+
+def longest_stall(setup, work):
+    """In a fresh gevent-patched interpreter at the project root, as a served worker: run the
+    code `setup`, then the expression `work` in a greenlet beside one that ticks every 5 ms.
+    Returns (work's result, the longest the ticker waited in seconds): how long `work` held
+    up every other greenlet of the worker."""
+    code = ("from gevent import monkey; monkey.patch_all()\n"
+            "import sqlite_wal\n"
+            "sqlite_wal._in_background = True  # no checkpoints inside commits, as served\n"
+            + textwrap.dedent(setup) + _TICKING.format(work=work))
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    return figures["result"], figures["longest_gap"]
