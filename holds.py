@@ -24,7 +24,6 @@ Lock order everywhere is hold row -> user row -> key row, so PostgreSQL never de
 these paths; write transactions start with a write so SQLite's WAL snapshots never need an
 upgrade that could fail.
 """
-import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -32,6 +31,7 @@ from flask import current_app
 from sqlalchemy import bindparam, delete, insert, or_, select, update
 
 from extensions import db
+from give_way import give_way
 from models import ApiKey, LedgerEntry, RequestLog, Reservation, User, utcnow
 from money import format_credits
 from request_log import add_request_log
@@ -337,9 +337,6 @@ def release_credits(hold):
 
 # --- sweep -------------------------------------------------------------------------------
 
-# Between two settlements of a sweep a gevent worker's loop turns (I/O, timers: its requests
-# go on; sleep(0) would not poll): a dead worker's thousands of streams stalled it for seconds.
-TURN_SECONDS = 0.0001
 _CLAIM_LAPSED = delete(HOLDS).where(HOLDS.c.request_id == bindparam("rid"),
                                     HOLDS.c.lease_until < bindparam("now"))
 
@@ -355,8 +352,8 @@ def sweep_lapsed(max_age_seconds=0):
     db.session.commit()  # end the read so each settlement starts with its write
     settled = 0
     for hold in lapsed:
-        time.sleep(TURN_SECONDS)
-        try:
+        give_way()  # a dead worker's thousands of streams, settled at a stretch, stalled the
+        try:        # sweeping worker's requests for seconds
             if db.session.execute(_CLAIM_LAPSED, {"rid": hold.request_id, "now": now}) \
                     .rowcount != 1:
                 db.session.rollback()  # renewed or settled meanwhile: not ours
