@@ -214,8 +214,7 @@ def parse_call(endpoint, request_id):
     if request.content_length is not None and request.content_length > limit:
         raise ApiError(413, "request_too_large",
                        f"Request body is larger than the {limit} bytes this gateway accepts.")
-    headers = {name: value for name, value in request.headers.items()
-               if name.lower().startswith("anthropic-")}
+    headers = anthropic_headers(request.environ)
     if endpoint in MULTIPART_ENDPOINTS:
         return _parse_multipart(endpoint, request_id, headers)
     raw = request.get_data(cache=False)
@@ -245,6 +244,13 @@ def parse_call(endpoint, request_id):
                 content_type=request.content_type or "application/json", stream=stream,
                 wants_usage=wants_usage, request_id=request_id, headers=headers,
                 output_cap=output_cap_of(endpoint, body))
+
+
+def anthropic_headers(environ):
+    """The client's anthropic-* headers, named as werkzeug names them ("Anthropic-Version"),
+    read off the WSGI environ: request.headers rebuilds every header to iterate them."""
+    return {name[5:].replace("_", "-").title(): value for name, value in environ.items()
+            if name.startswith("HTTP_ANTHROPIC_")}
 
 
 def output_cap_of(endpoint, body):
