@@ -224,10 +224,12 @@ def test_served_worker_freezes_what_it_started_with(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     script = ("import gc, runpy; import flask, sqlalchemy; "
               "ns = runpy.run_path('gunicorn.conf.py'); before = gc.get_freeze_count(); "
-              "ns['freeze_startup_objects'](); print(before, gc.get_freeze_count())")
+              "ns['freeze_startup_objects'](); "
+              "print(before, gc.get_freeze_count(), gc.get_threshold()[2])")
     env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "metrics"))
     done = subprocess.run([sys.executable, "-c", script], cwd=root, env=env,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    before, after = map(int, done.stdout.split())
+    before, after, full_every = map(int, done.stdout.split())
     assert before == 0 and after > 10_000
+    assert full_every == 100  # full collections: every 100 middle ones, not every 10
