@@ -3,7 +3,7 @@
 The relay registers every request that holds credits. A background loop per worker (a
 greenlet under gevent) then, without touching the request path:
 - checkpoints what each open stream has delivered, at most every CHECKPOINT_SECONDS,
-  in one transaction (so a DB blip never stalls a stream);
+  a few hundred streams a transaction (so a DB blip never stalls a stream);
 - renews the lease of every hold this worker still serves (live or waiting to settle);
 - retries settlements that failed on a database error (through the group-commit writer,
   writer.py), until the database is back;
@@ -17,8 +17,11 @@ import time
 from collections import deque
 
 from extensions import db
+from give_way import give_way
 import holds
 import writer
+
+CHECKPOINT_BATCH = 200  # streams counted, then written, between two turns of the event loop
 
 _live = {}  # request id -> Flight, for every request of this worker that holds credits
 _deferred = deque()  # (flight, settle callable) whose settlement hit a database error
@@ -57,19 +60,25 @@ def draining():
 
 def checkpoint_streams(app, delivered_of):
     """Write the delivered usage of every open stream that progressed since its last one,
-    in one transaction."""
+    CHECKPOINT_BATCH streams a transaction. Between batches the worker's requests get a turn:
+    2,000 streams held them 160 ms at a stretch (the counting more than the writing)."""
     due = []
-    for flight in live_streams():
+    for count, flight in enumerate(live_streams(), 1):
         usage, cost = delivered_of(flight)
         if (usage.prompt_tokens, usage.completion_tokens, cost) != flight.checkpointed:
             due.append((flight, usage, cost))
-    holds.checkpoint_many([
-        (flight.hold, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens, cost,
-         flight.route.target.channel_id if flight.route else None,
-         flight.route.target.channel_name if flight.route else None)
-        for flight, usage, cost in due])
-    for flight, usage, cost in due:
-        flight.checkpointed = (usage.prompt_tokens, usage.completion_tokens, cost)
+        if count % CHECKPOINT_BATCH == 0:
+            give_way()
+    for start in range(0, len(due), CHECKPOINT_BATCH):
+        batch = due[start:start + CHECKPOINT_BATCH]
+        holds.checkpoint_many([
+            (flight.hold, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens,
+             cost, flight.route.target.channel_id if flight.route else None,
+             flight.route.target.channel_name if flight.route else None)
+            for flight, usage, cost in batch])
+        for flight, usage, cost in batch:
+            flight.checkpointed = (usage.prompt_tokens, usage.completion_tokens, cost)
+        give_way()
     return len(due)
 
 
