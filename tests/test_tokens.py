@@ -69,6 +69,21 @@ def test_the_tokenizer_loads_lazily():
     _in_a_fresh_process(code)
 
 
+def test_the_rank_tables_are_dropped_once_the_encoding_is_built():
+    """bpe_openai keeps three tables of Python dicts after its import; counting needs none."""
+    code = ("import gc, os; from blueprints.api import tokens; "
+            "rss = lambda: int(next(l for l in open(f'/proc/{os.getpid()}/status') "
+            "if l.startswith('VmRSS')).split()[1]) // 1024; "
+            "import bpe_openai; from bpe_openai import registry; loaded = rss(); "
+            "assert registry._load_mergeable_ranks.cache_info().currsize == 3; "
+            "tokens.warm(); gc.collect(); "
+            "assert registry._load_mergeable_ranks.cache_info().currsize == 0; "
+            "assert registry.voyage3_base.cache_info().currsize == 0; "
+            "assert tokens.count_text('hello world') == 2; "
+            "assert rss() < loaded + 65, (loaded, rss())")  # +51 MB here, +79 with the tables
+    _in_a_fresh_process(code)
+
+
 def test_a_gevent_worker_is_not_kept_waiting_for_the_tables():
     """tokens.ready() in a gevent worker answers False at once while the tables load in the
     background (the hold keeper checkpoints with a byte estimate meanwhile), True after."""
