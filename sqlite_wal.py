@@ -33,7 +33,7 @@ from sqlalchemy import make_url
 INTERVAL_SECONDS = 0.5
 RESTART_FRAMES = 4096  # log frames (4 KB pages) before the checkpointer starts the log over
 STUCK_FRAMES = 16 * RESTART_FRAMES  # then it waits (up to 1 s) for writers to let it
-BUSY_TIMEOUT_MS = 10_000  # every connection's busy timeout (app._sqlite_pragmas)
+BUSY_TIMEOUT_MS = 10_000  # busy timeout outside a served worker (connection_pragmas)
 BUSY_PAUSE_SECONDS = 0.0005  # the first wait for a locked database, doubling up to the max
 BUSY_PAUSE_MAX_SECONDS = 0.005
 SQLITE_BUSY = 5  # "database is locked"; extended codes share its low byte
@@ -65,7 +65,7 @@ class PatientCursor(sqlite3.Cursor):
 
 
 class PatientConnection(sqlite3.Connection):
-    """sqlite3.connect(factory=...) for the app's engine (config._engine_options): its
+    """sqlite3.connect(factory=...) for every SQLite engine (app._patient_sqlite): its
     cursors, which SQLAlchemy runs every statement on, are PatientCursors."""
 
     def cursor(self, factory=PatientCursor):
