@@ -5,12 +5,16 @@ slices of a few milliseconds each (yielding to other greenlets between them), te
 EXACT_LIMIT characters is estimated from its UTF-8 size, and any tokenizer error falls
 back to that estimate.
 
-The tokenizer costs a worker ~120 MB (~145 before its import's rank tables were dropped) and
-0.5-0.9 s to load, so it is loaded on first need (a reply without usage, a stream's
-checkpoint, /v1/messages/count_tokens, a prompt longer than RESERVE_BOUND_BYTES), not at
-start; the hold and TPM admission of a short prompt need none.
+The tokenizer costs a worker ~70 MB (RSS 76 -> 146 MB here) and 0.05-0.08 s to load, so it is
+loaded on first need (a reply without usage, a stream's checkpoint, /v1/messages/count_tokens,
+a prompt longer than RESERVE_BOUND_BYTES), not at start: an idle worker stays small, and the
+hold and TPM admission of a short prompt need none.
 """
+import glob
+import importlib.util
 import math
+import os
+import re
 import threading
 
 # Per-message framing tokens in OpenAI's chat format (role markers, separators).
@@ -27,6 +31,32 @@ RESERVE_BOUND_BYTES = 2048
 _tokenizer = []
 _tokenizer_lock = threading.Lock()
 
+# o200k_base's special tokens (as in bpe_openai.registry): one token each, as tiktoken's
+# encode(allowed_special="all") counts them; the Rust tokenizer alone would split them up.
+SPECIAL_TOKENS = re.compile(r"(<\|endoftext\|>|<\|endofprompt\|>)")
+
+
+class O200k:
+    """Counts o200k_base tokens (the GPT-4o family's encoding) with bpe-openai's Rust
+    tokenizer, exactly as the package's tiktoken-compatible `encode(text,
+    allowed_special="all")` would, without building the token list."""
+
+    def __init__(self, rust):
+        self._rust = rust
+
+    def count(self, text):
+        total = 0
+        for index, part in enumerate(SPECIAL_TOKENS.split(text)):
+            if index % 2:
+                total += 1
+            elif part:
+                try:
+                    total += self._rust.count(part)
+                except UnicodeEncodeError:  # lone surrogates: replaced, as the package does
+                    total += self._rust.count(
+                        part.encode("utf-16", "surrogatepass").decode("utf-16", "replace"))
+        return total
+
 
 def _encoding():
     """o200k_base, loaded on first use."""
@@ -38,27 +68,32 @@ def _encoding():
 
 
 def _load_o200k():
-    import bpe_openai
-    encoding = bpe_openai.get_encoding("o200k_base")
-    encoding.encode("warm up", allowed_special="all")
-    _drop_rank_tables()
-    return encoding
+    tokenizer = O200k(_rust_bindings().tokenizer_for_encoding("o200k_base"))
+    tokenizer.count("warm up")
+    return tokenizer
 
 
-def _drop_rank_tables():
-    """bpe_openai's import parses the rank tables of cl100k, o200k and voyage3 into Python
-    dicts and keeps all three in lru_caches; the encoding built from o200k's needs none of
-    them. Dropping them gives back ~25 MB of a worker's ~150 MB. Best effort: private API."""
-    from bpe_openai import registry
-    for name in ("_load_mergeable_ranks", "cl100k_base", "o200k_base", "voyage3_base"):
-        cache_clear = getattr(getattr(registry, name, None), "cache_clear", None)
-        if cache_clear is not None:
-            cache_clear()
+def _rust_bindings():
+    """bpe-openai's Rust extension, loaded without its package: the package's import builds
+    its model registry by parsing the rank tables of cl100k, o200k and voyage3 into Python
+    dicts (0.55 s of CPU here and ~80 MB it keeps), all for the wrapper's Python side; the
+    Rust tokenizer is built from tables compiled into the extension (0.05 s). Falls back to
+    the plain import if the wheel's layout ever changes."""
+    spec = importlib.util.find_spec("bpe_openai")
+    found = glob.glob(os.path.join(os.path.dirname(spec.origin), "_bindings*.so")) \
+        if spec is not None and spec.origin else []
+    if not found:
+        from bpe_openai import _bindings
+        return _bindings
+    bindings = importlib.util.spec_from_file_location("bpe_openai._bindings", found[0])
+    module = importlib.util.module_from_spec(bindings)
+    bindings.loader.exec_module(module)
+    return module
 
 
 def _off_the_loop(work):
     """work() in one of gevent's native threads inside a worker, so the other greenlets keep
-    serving while the tables load (0.5 s); plainly elsewhere."""
+    serving while the tokenizer loads; plainly elsewhere."""
     try:
         from gevent import get_hub, monkey
     except ImportError:
@@ -82,8 +117,9 @@ CHECKPOINT_BYTES_PER_TOKEN = 4
 def ready():
     """True once the tables are in memory. In a gevent worker, before that, starts loading
     them in the background and answers False at once: the hold keeper must not stand still
-    for the load (1.5 s on a slow core, more under load), its checkpoints of every stream
-    waiting, and a worker killed meanwhile leaving them all at nothing."""
+    for the load (1.5 s on a slow core when the package's own import did it; 0.05-0.1 s since,
+    more under load), its checkpoints of every stream waiting, and a worker killed meanwhile
+    leaving them all at nothing."""
     if _tokenizer:
         return True
     try:
@@ -160,12 +196,12 @@ def count_text(text, exact=True):
     try:
         encoding = _encoding()
         if len(text) <= SLICE_CHARS:
-            return len(encoding.encode(text, allowed_special="all"))
+            return encoding.count(text)
         total = 0
         for index, piece in enumerate(_slices(text, SLICE_CHARS)):
             if index:
                 _pause()
-            total += len(encoding.encode(piece, allowed_special="all"))
+            total += encoding.count(piece)
         return total
     except Exception:  # noqa: BLE001 - the tokenizer must never fail a request
         return estimate_from_bytes(text)
