@@ -153,6 +153,23 @@ def test_requests_to_the_fake_reuse_their_connection(fake_upstream):
     assert pool._idle == [first]
 
 
+def test_an_ip_address_is_connected_to_without_a_lookup(scripted, monkeypatch):
+    """gevent's resolver takes a native thread's round trip for every lookup, even of an
+    address; a name is still looked up (each new connection, as before)."""
+    import gevent.socket
+    real, looked_up = gevent.socket.getaddrinfo, []
+
+    def recording(host, *args, **kwargs):
+        looked_up.append(host)
+        return real(host, *args, **kwargs)
+    monkeypatch.setattr(gevent.socket, "getaddrinfo", recording)
+    server = scripted(lambda n, head: (answer(), "close"))
+    for host in ("127.0.0.1", "localhost"):
+        url = server.url(host=host)
+        assert adaptor_for(url).http_post(url, b"{}", {}).status_code == 200
+    assert looked_up == ["localhost"] and server.connections == 2
+
+
 def test_a_connection_the_upstream_closed_while_idle_is_not_reused(scripted):
     server = scripted(lambda n, head: (answer(), "close"))  # answers, then closes (FIN)
     adaptor = adaptor_for(server.url())
