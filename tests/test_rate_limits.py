@@ -4,6 +4,8 @@ Unit tests of the limiter run the same cases on both backends: in memory and on 
 shared Redis (a db number of its own). The issue-11 finding each test covers is named.
 """
 import os
+import subprocess
+import sys
 import time
 from datetime import timedelta
 
@@ -13,7 +15,7 @@ from flask import Flask
 
 import rate_limits
 from rate_limits import ConcurrencyLimited, Party, RateLimited
-from tests.support import longest_stall
+from tests.support import ROOT, longest_stall
 
 # A Redis database per pytest-xdist worker: a flush by one worker must not wipe another's slots.
 REDIS_URL = "redis://127.0.0.1:6379/" + str(
@@ -177,6 +179,37 @@ def test_a_load_racing_a_clear_is_not_stored(app):
             return "old"
         assert cache.get("k", load) == "old"
         assert cache.get("k", lambda: "new") == "new"
+
+
+def test_a_value_in_use_is_reloaded_ahead_once_no_request_waits():
+    """In a gevent worker: past REFRESH_AT of its life a value is still served at once and
+    reloaded in another greenlet, not while a request waits for its answer; one found past
+    its TTL is loaded in place."""
+    code = """
+from gevent import monkey; monkey.patch_all()
+import gevent
+from flask import Flask
+from cache import REFRESH_AT, TTLCache, answering
+app = Flask("t")
+app.config["CACHE_TTL"] = 0.4
+cache, loads = TTLCache(), []
+def load(value):
+    return lambda: loads.append((value, gevent.getcurrent())) or value
+with app.app_context():
+    me = gevent.getcurrent()
+    assert cache.get("k", load("v1")) == "v1" and loads == [("v1", me)]
+    gevent.sleep(0.4 * REFRESH_AT + 0.02)  # due, not expired
+    with answering():
+        assert cache.get("k", load("v2")) == "v1"  # at once
+        gevent.sleep(0.03)
+        assert len(loads) == 1  # no reload while a request waits for its answer
+    gevent.sleep(0.03)
+    assert len(loads) == 2 and loads[1][0] == "v2" and loads[1][1] is not me
+    assert cache.get("k", load("v3")) == "v2" and len(loads) == 2
+    gevent.sleep(0.45)  # unused past its TTL
+    assert cache.get("k", load("v4")) == "v4" and loads[-1] == ("v4", me)
+"""
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=60)
 
 
 # --- cool-down shared (finding 6) -------------------------------------------------------------

@@ -6,6 +6,7 @@ from datetime import datetime, timezone
 from flask import Blueprint, g, jsonify, request
 
 import billing
+from cache import answering
 from blueprints.api.errors import ApiError, uses_anthropic_shape
 from blueprints.api.openapi import openapi_document
 from extensions import db
@@ -17,9 +18,11 @@ bp = Blueprint("api", __name__, url_prefix="/v1")
 # The relay and its upstream clients are imported on first use, so the admin CLI builds the
 # app without them; wsgi.py imports them up front, before a worker's first request.
 def relay(endpoint):
-    """Run the relay pipeline for `endpoint`."""
+    """Run the relay pipeline for `endpoint`. Cached values are not reloaded ahead until it
+    has its answer (a stream: its first chunk), so no reload holds that answer back."""
     from blueprints.api.relay import relay as run
-    return run(endpoint)
+    with answering():
+        return run(endpoint)
 
 
 def authenticate():
