@@ -259,3 +259,44 @@ def test_the_keeper_checkpoints_2000_streams_a_batch_at_a_time():
         """, "checkpoint()")
     assert checkpointed == 2000
     assert stall < 0.1, f"the worker's greenlets were held up {stall * 1000:.0f} ms"
+
+
+def test_the_admin_billing_check_runs_beside_the_workers_requests(tmp_path):
+    """The console's "billing check" scans the whole ledger in SQLite statements, which hold
+    the thread; in a served worker they run in a native thread (SQLite lets the GIL go) and
+    the worker's other greenlets keep going."""
+    from tests.support import longest_stall
+    result, stall = longest_stall(f"""
+        import time
+        from app import create_app
+        from bootstrap import ensure_default_group
+        from extensions import db
+        from models import LedgerEntry, User, utcnow
+        from tests.support import login_session, make_user
+        app = create_app({{"SQLALCHEMY_DATABASE_URI": "sqlite:///{tmp_path}/db.sqlite",
+                          "TESTING": True, "SECRET_KEY": "test", "WTF_CSRF_ENABLED": False}})
+        with app.app_context():
+            db.create_all()
+            ensure_default_group()
+            admin = make_user("admin@example.com", is_admin=True)
+            users = [make_user(f"u{{n}}@example.com") for n in range(20)]
+            now = utcnow()
+            for start in range(0, 600_000, 100_000):
+                db.session.execute(db.insert(LedgerEntry), [dict(
+                    user_id=users[i % 20], kind="grant", amount_micro=1,
+                    balance_after_micro=0, created_at=now) for i in range(start, start + 100_000)])
+            for user_id in users:  # each has 30,000 grants of 1
+                db.session.get(User, user_id).balance_micro = 30_000
+            db.session.commit()
+        client = app.test_client()
+        login_session(client, admin)
+        def check():
+            started = time.perf_counter()
+            answer = client.post("/admin/billing/check")
+            page = client.get("/admin/").get_data(as_text=True)
+            return answer.status_code, "Ledger OK" in page, time.perf_counter() - started
+        """, "check()")
+    status, clean, seconds = result
+    assert status == 302 and clean
+    assert stall < min(0.1, seconds / 3), \
+        f"the check took {seconds * 1000:.0f} ms and held the worker {stall * 1000:.0f} ms"

@@ -26,6 +26,7 @@ from blueprints.queries import paginate
 from bootstrap import DEFAULT_GROUP, create_user
 from csv_export import csv_chunks
 from extensions import db
+from give_way import in_native_thread
 from models import (ApiKey, Channel, ChannelModel, Group, LedgerEntry, ModelPrice, RedemptionCode,
                     Setting, UsageDaily, User, utcnow)
 from money import format_credits
@@ -591,13 +592,19 @@ def user_key_delete(user_id, key_id):
 @bp.post("/billing/check")
 @admin_required
 def billing_check():
-    """Prove sum(ledger) == balance for every user, as `flask billing check` does."""
-    drift = check_ledger()
+    """Prove sum(ledger) == balance for every user, as `flask billing check` does. Its scans
+    of the whole ledger run in a native thread: the worker's other requests go on."""
+    app = current_app._get_current_object()
+
+    def check():
+        with app.app_context():
+            return check_ledger(), user_count()
+    drift, users = in_native_thread(check)
     if drift:
         flash("Ledger drift found: " + "; ".join(drift[:20])
               + (f" … and {len(drift) - 20} more" if len(drift) > 20 else ""), "error")
     else:
-        flash(f"Ledger OK: balances match the ledger for all {user_count()} users.", "ok")
+        flash(f"Ledger OK: balances match the ledger for all {users} users.", "ok")
     return redirect(url_for(".index"))
 
 

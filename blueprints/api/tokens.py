@@ -17,6 +17,8 @@ import os
 import re
 import threading
 
+from give_way import in_native_thread
+
 # Per-message framing tokens in OpenAI's chat format (role markers, separators).
 TOKENS_PER_MESSAGE = 3
 SLICE_CHARS = 10_000  # ~1 ms of encoding; bpe-openai refuses 1M characters in one call
@@ -63,7 +65,7 @@ def _encoding():
     if not _tokenizer:
         with _tokenizer_lock:
             if not _tokenizer:
-                _tokenizer.append(_off_the_loop(_load_o200k))
+                _tokenizer.append(in_native_thread(_load_o200k))
     return _tokenizer[0]
 
 
@@ -89,18 +91,6 @@ def _rust_bindings():
     module = importlib.util.module_from_spec(bindings)
     bindings.loader.exec_module(module)
     return module
-
-
-def _off_the_loop(work):
-    """work() in one of gevent's native threads inside a worker, so the other greenlets keep
-    serving while the tokenizer loads; plainly elsewhere."""
-    try:
-        from gevent import get_hub, monkey
-    except ImportError:
-        return work()
-    if monkey.is_module_patched("socket"):
-        return get_hub().threadpool.apply(work)
-    return work()
 
 
 def warm():
