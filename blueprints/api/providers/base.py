@@ -286,22 +286,25 @@ class Adaptor:
         return f"{base}/{version}/{path.lstrip('/')}"
 
 
+def _too_large():
+    return UpstreamFailure("bad_response", "upstream response too large")
+
+
 def read_capped(response, cap, deadline=None):
     """Read a whole upstream body into `response.content`, at most `cap` bytes; more is
     UpstreamFailure (502), and so is a body still arriving after `deadline`
     (time.monotonic()). The connection goes back to the pool once the body has ended."""
-    too_large = UpstreamFailure("bad_response", "upstream response too large")
     declared = response.header("Content-Length", "")
     if declared.isdigit() and int(declared) > cap:
         response.close()
-        raise too_large
+        raise _too_large()
     body = bytearray()
     try:
         for piece in response.pieces():
             body += piece
             if len(body) > cap:
                 response.close()
-                raise too_large
+                raise _too_large()
             if deadline is not None and time.monotonic() > deadline:
                 response.close()
                 raise UpstreamFailure("timeout", "upstream answer took longer than the "
