@@ -86,8 +86,9 @@ class TTLCache:
                 generation = self._generation
                 value = load()
                 if generation == self._generation:  # not cleared while loading
-                    store = found if value is not None else misses
+                    store, other = (found, misses) if value is not None else (misses, found)
                     store[key] = (value, time.monotonic() + store.ttl * REFRESH_AT)
+                    other.pop(key, None)  # a reload ahead may find a row gone, or back
                 return value
             finally:
                 with self._lock:

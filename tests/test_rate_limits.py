@@ -208,6 +208,10 @@ with app.app_context():
     assert cache.get("k", load("v3")) == "v2" and len(loads) == 2
     gevent.sleep(0.45)  # unused past its TTL
     assert cache.get("k", load("v4")) == "v4" and loads[-1] == ("v4", me)
+    gevent.sleep(0.4 * REFRESH_AT + 0.02)
+    assert cache.get("k", load(None)) == "v4"  # the row is gone: the reload finds nothing
+    gevent.sleep(0.03)
+    assert cache.get("k", load("v5")) is None and loads[-1][0] is None  # not served again
 """
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=60)
 
