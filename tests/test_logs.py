@@ -3,6 +3,7 @@ import csv
 import html
 import io
 import re
+import sqlite3
 from datetime import datetime, timedelta
 
 import pytest
@@ -191,6 +192,33 @@ def test_csv_streams_many_rows(app, client):
     records = csv_records(response)
     assert len(records) == 2600
     assert records[0]["credits"] == "0" and records[-1]["credits"] == "0.002599"
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+def test_a_csv_download_holds_no_read_open_between_batches(app, client, tmp_path):
+    """SQLite: while a client reads the export, the log can be started over (a RESTART
+    checkpoint completes) between two batches of rows; one read for the whole download
+    pinned it until the last row."""
+    with app.app_context():
+        user_id = make_user("export@example.com")
+        insert_logs([{"user_id": user_id, "created_at": T0 - timedelta(seconds=n)}
+                     for n in range(2500)])
+    login_session(client, user_id)
+    response = client.get("/logs.csv", buffered=False)
+    chunks = iter(response.response)
+    first = next(chunks)  # the first 500 rows: the first batch of 1,000 has been read
+    other = sqlite3.connect(f"{tmp_path}/test.db", timeout=0)
+    other.execute("UPDATE users SET balance_micro = balance_micro WHERE id = ?", (user_id,))
+    other.commit()  # something in the log for the checkpoint to copy
+    busy, frames, copied = other.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+    other.close()
+    assert busy == 0 and frames == copied
+    rest = "".join(chunk.decode() if isinstance(chunk, bytes) else chunk for chunk in chunks)
+    response.close()
+    records = list(csv.DictReader(io.StringIO(
+        (first.decode() if isinstance(first, bytes) else first) + rest)))
+    assert len(records) == 2500 and len({r["request_id"] for r in records}) == 2500
+    assert [r["time"] for r in records] == sorted((r["time"] for r in records), reverse=True)
 
 
 def test_empty_states(client, people):

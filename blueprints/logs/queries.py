@@ -123,9 +123,7 @@ def log_page(query, before=None, per_page=PER_PAGE):
     what page 1 does, where OFFSET would scan every skipped row."""
     cursor = decode_cursor(before)
     if cursor:
-        moment, row_id = cursor
-        query = query.where(or_(RequestLog.created_at < moment,
-                                and_(RequestLog.created_at == moment, RequestLog.id < row_id)))
+        query = query.where(older_than(*cursor))
     rows = db.session.scalars(query.limit(per_page + 1)).all()
     more = len(rows) > per_page
     rows = rows[:per_page]
@@ -165,15 +163,39 @@ CSV_COLUMNS = ("time", "request_id", "user", "key_name", "model", "channel", "en
 
 
 def csv_rows(query, batch=1000):
-    """The rows of `query` as CSV value tuples, fetched `batch` at a time (never all at once);
-    numbers are numbers (credits a Decimal), so csv_export neutralises only the text."""
-    query = (query.add_columns(User.email).outerjoin(User, User.id == RequestLog.user_id)
-             .execution_options(yield_per=batch))
-    for log, email in db.session.execute(query):
-        yield (log.created_at.isoformat(sep=" ", timespec="seconds"), log.request_id,
-               email or "", log.key_name or "", log.model or "", log.channel_name or "",
-               log.endpoint, "yes" if log.is_stream else "no", log.prompt_tokens,
-               log.completion_tokens, log.cached_tokens, Decimal(format_credits(log.credits_micro)),
-               log.status, log.http_status, log.latency_ms,
-               "" if log.ttft_ms is None else log.ttft_ms, "yes" if log.estimated else "no",
-               log.error or "")
+    """The rows of `query` (filtered_logs: newest first) as CSV value tuples; numbers are
+    numbers (credits a Decimal), so csv_export neutralises only the text.
+
+    Read `batch` rows at a time, each batch in a read of its own that ends before its rows
+    are yielded (keyset, after the batch's last row). One read for the whole download would
+    pin SQLite's log for as long as the client takes: the checkpointer could not start it
+    over, and once far past its size it holds writers back while it waits (sqlite_wal.py).
+    """
+    query = query.add_columns(User.email).outerjoin(User, User.id == RequestLog.user_id)
+    after = None
+    while True:
+        page = query if after is None else query.where(older_than(*after))
+        rows = db.session.execute(page.limit(batch)).all()
+        records = [_csv_record(log, email) for log, email in rows]
+        if rows:
+            after = (rows[-1][0].created_at, rows[-1][0].id)
+        db.session.rollback()  # the read ends here; nothing was written
+        yield from records
+        if len(rows) < batch:
+            return
+
+
+def older_than(moment, row_id):
+    """Rows after (created_at, id) in filtered_logs' order: the keyset of pages and exports."""
+    return or_(RequestLog.created_at < moment,
+               and_(RequestLog.created_at == moment, RequestLog.id < row_id))
+
+
+def _csv_record(log, email):
+    return (log.created_at.isoformat(sep=" ", timespec="seconds"), log.request_id,
+            email or "", log.key_name or "", log.model or "", log.channel_name or "",
+            log.endpoint, "yes" if log.is_stream else "no", log.prompt_tokens,
+            log.completion_tokens, log.cached_tokens, Decimal(format_credits(log.credits_micro)),
+            log.status, log.http_status, log.latency_ms,
+            "" if log.ttft_ms is None else log.ttft_ms, "yes" if log.estimated else "no",
+            log.error or "")
