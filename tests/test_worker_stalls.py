@@ -200,6 +200,32 @@ def test_checkpoint_starts_the_log_over_past_the_limit(tmp_path, monkeypatch):
     assert sqlite_wal.checkpoint(checkpointer) <= 4
 
 
+def test_both_files_are_synced_before_a_restart_holds_writers_back(tmp_path, monkeypatch):
+    """The RESTART syncs the log and the database file with writers waiting; synced first,
+    beside them, it has only what came since to sync."""
+    path = str(tmp_path / "db.sqlite")
+    writer = _wal_database(path)
+    _write_rows(writer, 20)
+    statements = []
+    synced = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        statements.append("fsync")
+        real_fsync(fd)
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(sqlite_wal, "RESTART_FRAMES", 20)
+    sqlite_wal.checkpoint(_checkpointer(path, statements), path)
+    assert statements == ["PRAGMA wal_checkpoint(PASSIVE)", "fsync", "fsync",
+                          "PRAGMA wal_checkpoint(RESTART)"]
+    assert synced == [path, path + "-wal"]
+    statements.clear()
+    _write_rows(writer, 1)
+    sqlite_wal.checkpoint(_checkpointer(path, statements), path)
+    assert "fsync" not in statements  # below the limit: a PASSIVE copy, nothing synced
+
+
 def test_checkpoint_gives_way_to_a_busy_writer(tmp_path, monkeypatch):
     """While a writer holds its lock the tick neither waits nor fails."""
     path = str(tmp_path / "db.sqlite")
