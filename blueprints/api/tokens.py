@@ -78,7 +78,7 @@ def _load_o200k():
 def _rust_bindings():
     """bpe-openai's Rust extension, loaded without its package: the package's import builds
     its model registry by parsing the rank tables of cl100k, o200k and voyage3 into Python
-    dicts (0.55 s of CPU here and ~80 MB it keeps), all for the wrapper's Python side; the
+    dicts (0.55 s of CPU here, and ~40 MB it keeps), all for the wrapper's Python side; the
     Rust tokenizer is built from tables compiled into the extension (0.05 s). Falls back to
     the plain import if the wheel's layout ever changes."""
     spec = importlib.util.find_spec("bpe_openai")
