@@ -106,9 +106,10 @@ class TTLCache:
         try:
             with app.app_context():
                 self._load(key, load, *self._stores(app.config["CACHE_TTL"]), ahead=True)
-        except Exception:  # noqa: BLE001 - the value expires at its TTL and is loaded in place
-            app.logger.warning("reloading a cached %s ahead failed", " / ".join(
-                kind.__name__ for kind in self.depends_on) or "value", exc_info=True)
+        except Exception as err:  # noqa: BLE001 - it expires at its TTL, then loads in place
+            # The type only: a database error's text names the server's address.
+            app.logger.warning("reloading a cached %s ahead failed (%s)", " / ".join(
+                kind.__name__ for kind in self.depends_on) or "value", type(err).__name__)
         finally:
             self._refreshing.discard(key)
 

@@ -212,6 +212,16 @@ with app.app_context():
     assert cache.get("k", load(None)) == "v4"  # the row is gone: the reload finds nothing
     gevent.sleep(0.03)
     assert cache.get("k", load("v5")) is None and loads[-1][0] is None  # not served again
+    def down():
+        raise OSError("could not connect to server at 10.1.2.3")
+    cache.get("gone", lambda: "x")
+    gevent.sleep(0.4 * REFRESH_AT + 0.02)
+    import logging, io
+    caught = io.StringIO()
+    app.logger.addHandler(logging.StreamHandler(caught))
+    assert cache.get("gone", down) == "x"  # the database is down: still served in its TTL
+    gevent.sleep(0.03)
+    assert "ahead failed (OSError)" in caught.getvalue() and "10.1.2.3" not in caught.getvalue()
 """
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=60)
 
