@@ -34,6 +34,7 @@ from sqlalchemy import make_url
 INTERVAL_SECONDS = 0.5
 RESTART_FRAMES = 4096  # log frames (4 KB pages) before the checkpointer starts the log over
 STUCK_FRAMES = 16 * RESTART_FRAMES  # then it waits (up to 1 s) for writers to let it
+SLOW_SYNC_SECONDS = 0.25  # a sync before a RESTART slower than this: the disk is struggling
 BUSY_TIMEOUT_MS = 10_000  # busy timeout outside a served worker (connection_pragmas)
 BUSY_PAUSE_SECONDS = 0.0005  # the first wait for a locked database, doubling up to the max
 BUSY_PAUSE_MAX_SECONDS = 0.005
@@ -146,12 +147,16 @@ def checkpoint(conn, path=None):
     files, and a PASSIVE copy under steady writes syncs neither: everything copied since the
     last RESTART was synced with writers waiting. So with the database's `path`, both files
     are synced first, beside the writers (a RESTART under steady writes: 36-52 ms median
-    against 46-62 ms; this VM's disk stalls at times, and then every second counts)."""
+    against 46-62 ms). When that sync is slow the disk is (this VM's stalls at times, for
+    seconds): the RESTART waits for a later tick, unless the log is far past its size."""
     frames = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[1]
     if frames >= RESTART_FRAMES:  # copies what writers appended meanwhile, holding them back
-        if path is not None:
-            _sync_files(path, path + "-wal")
         stuck = frames >= STUCK_FRAMES
+        if path is not None:
+            started = time.monotonic()
+            _sync_files(path, path + "-wal")
+            if time.monotonic() - started > SLOW_SYNC_SECONDS and not stuck:
+                return frames
         if stuck:
             conn.execute("PRAGMA busy_timeout=1000")
         try:

@@ -226,6 +226,24 @@ def test_both_files_are_synced_before_a_restart_holds_writers_back(tmp_path, mon
     assert "fsync" not in statements  # below the limit: a PASSIVE copy, nothing synced
 
 
+def test_a_slow_sync_puts_the_restart_off_unless_the_log_is_far_past_its_size(
+        tmp_path, monkeypatch):
+    """A slow sync means a struggling disk, and the RESTART would sync again with writers
+    waiting: it waits for a later tick, until the log is far past its size."""
+    path = str(tmp_path / "db.sqlite")
+    writer = _wal_database(path)
+    _write_rows(writer, 20)
+    monkeypatch.setattr(sqlite_wal, "_sync_files", lambda *paths: time.sleep(0.3))
+    monkeypatch.setattr(sqlite_wal, "RESTART_FRAMES", 20)
+    statements = []
+    sqlite_wal.checkpoint(_checkpointer(path, statements), path)
+    assert statements == ["PRAGMA wal_checkpoint(PASSIVE)"]
+    monkeypatch.setattr(sqlite_wal, "STUCK_FRAMES", 20)
+    statements.clear()
+    sqlite_wal.checkpoint(_checkpointer(path, statements), path)
+    assert "PRAGMA wal_checkpoint(RESTART)" in statements
+
+
 def test_checkpoint_gives_way_to_a_busy_writer(tmp_path, monkeypatch):
     """While a writer holds its lock the tick neither waits nor fails."""
     path = str(tmp_path / "db.sqlite")
