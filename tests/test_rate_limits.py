@@ -418,3 +418,40 @@ def test_client_gone_before_the_first_byte_is_logged_499(live):
     assert row["http_status"] == 499 and row["status"] == "Failed"
     assert row["latency_ms"] < 1500  # noticed while waiting, not after the 2 s timeout
     assert live.scalar(db.select(db.func.count(Reservation.id))) == 0  # the hold went back
+
+
+def test_a_change_made_elsewhere_reaches_a_served_worker_within_the_ttl(tmp_path, fake_upstream):
+    """A served worker with a 1 s cache TTL, no Redis: its values in use are reloaded ahead
+    between requests, and a key disabled by another process (the admin CLI, say) is refused
+    within the TTL all the same."""
+    import requests
+    from tests.support import LiveGateway
+    gw = LiveGateway(f"sqlite:///{tmp_path}/gw.db", str(tmp_path), fake_upstream,
+                     extra_env={"TOKENOPEN_CACHE_TTL": "1"})
+    gw.start()
+    try:
+        gw.reset()
+        key = gw.member("ttl@example.com")
+        body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+
+        def call():
+            return requests.post(gw.base_url + "/chat/completions", json=body, timeout=10,
+                                 headers={"Authorization": f"Bearer {key}"}).status_code
+        deadline = time.monotonic() + 2.5  # past two TTLs in use: reloads ahead happened
+        while time.monotonic() < deadline:
+            assert call() == 200
+            time.sleep(0.1)
+
+        def disable():
+            from extensions import db
+            from models import ApiKey
+            db.session.execute(db.update(ApiKey).values(disabled=True))
+            db.session.commit()
+        gw.run(disable)
+        changed = time.monotonic()
+        while call() == 200:
+            assert time.monotonic() - changed < 1.5, "a disabled key still served past its TTL"
+            time.sleep(0.05)
+        assert call() == 401
+    finally:
+        gw.stop()
