@@ -11,7 +11,6 @@ and a load that raced with a clear is not stored. "Not found" answers live in a 
 cache of their own for at most a second, so a key-guessing flood cannot evict real keys.
 In a gevent worker a value in use is reloaded ahead of its TTL, once no request waits.
 """
-import os
 import threading
 import time
 from collections import deque
@@ -23,6 +22,7 @@ from sqlalchemy import event
 from sqlalchemy.orm import Session
 
 import redis_store
+import this_process
 
 MAX_ENTRIES = 10_000
 MAX_MISSES = 1_000
@@ -207,7 +207,7 @@ def _forget_rolled_back(session):
 def _publish(names):
     if not redis_store.configured_url():
         return
-    message = f"{os.getpid()}:{','.join(sorted(names))}"
+    message = f"{this_process.pid()}:{','.join(sorted(names))}"
     try:
         redis_store.run(lambda conn: conn.publish(CHANNEL, message))
     except redis_store.Unavailable:
@@ -219,12 +219,12 @@ _listener = {"pid": None}
 
 def _listen_once():
     """Start this process's pub/sub listener the first time a cache is used (after fork)."""
-    if _listener["pid"] == os.getpid() or not has_app_context():
+    if _listener["pid"] == this_process.pid() or not has_app_context():
         return
     url = redis_store.configured_url()
     if not url:
         return
-    _listener["pid"] = os.getpid()
+    _listener["pid"] = this_process.pid()
     threading.Thread(target=_listen, args=(url,), name="cache-invalidation",
                      daemon=True).start()
 
@@ -232,7 +232,7 @@ def _listen_once():
 def _listen(url):
     """Clear what other processes changed; after a lost connection, clear everything."""
     import redis
-    pid = str(os.getpid())
+    pid = str(this_process.pid())
     while True:
         try:
             conn = redis.Redis.from_url(url, socket_connect_timeout=redis_store.SOCKET_TIMEOUT,

@@ -15,8 +15,14 @@ if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # set for gunicorn; the CLI may 
 
 # prometheus_client reads PROMETHEUS_MULTIPROC_DIR at import.
 from prometheus_client import (CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry,  # noqa: E402
-                               Counter, Gauge, Histogram, generate_latest, multiprocess)
+                               Counter, Gauge, Histogram, generate_latest, multiprocess, values)
 from prometheus_client.core import GaugeMetricFamily  # noqa: E402
+
+import this_process  # noqa: E402
+
+if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    # Every update checks for a fork; by default with a getpid system call each time.
+    values.ValueClass = values.MultiProcessValue(process_identifier=this_process.pid)
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 

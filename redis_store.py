@@ -6,11 +6,12 @@ wait, never a stall. Outages are logged loudly once a minute; the first command 
 works again ends the outage, without a restart.
 """
 import logging
-import os
 import threading
 import time
 
 from flask import current_app, has_app_context
+
+import this_process
 
 SOCKET_TIMEOUT = 0.5  # seconds; Redis answers in well under a millisecond when healthy
 SKIP_AFTER_FAILURE = 1.0  # seconds Redis is not tried after a failure
@@ -38,7 +39,7 @@ def client(url=None):
     url = url or configured_url()
     if not url:
         return None
-    key = (os.getpid(), url)  # a forked worker must not share its parent's sockets
+    key = (this_process.pid(), url)  # a forked worker must not share its parent's sockets
     found = _clients.get(key)
     if found is None:
         with _lock:

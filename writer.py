@@ -21,7 +21,6 @@ fails alone with the error it would have met alone. Settling is idempotent by re
 settlement retried after a commit that did land finds its hold gone and its own log row, and
 charges nothing twice.
 """
-import os
 import threading
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, Opera
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 import holds
+import this_process
 from extensions import db
 from holds import HOLDS, KEYS, LEDGER, LOGS, USERS
 from models import utcnow
@@ -208,7 +208,7 @@ _writers_lock = threading.Lock()
 
 
 def writer_for(engine):
-    key = (os.getpid(), id(engine))
+    key = (this_process.pid(), id(engine))
     found = _writers.get(key)
     if found is None:
         with _writers_lock:
@@ -219,7 +219,7 @@ def writer_for(engine):
 def flush():
     """Wait until every writer of this process has written what it was given (shutdown)."""
     for writer in list(_writers.values()):
-        if writer.pid == os.getpid():
+        if writer.pid == this_process.pid():
             writer.wait_idle()
 
 
@@ -230,7 +230,7 @@ class Writer:
 
     def __init__(self, engine):
         self.engine = engine
-        self.pid = os.getpid()
+        self.pid = this_process.pid()
         self.pending = deque()
         self.cv = threading.Condition()
         self.running = False

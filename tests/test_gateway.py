@@ -5,6 +5,7 @@ behaviour that does not depend on the database (streaming, timeouts) on SQLite o
 """
 import io
 import json
+import re
 import time
 
 import openai
@@ -400,6 +401,19 @@ def test_flask_404_and_405_under_v1_are_openai_shaped(live):
     response = requests.get(live.base_url + "/chat/completions", timeout=5)
     assert response.status_code == 405 and "error" in response.json()
     assert response.headers["x-request-id"].startswith("req_")
+
+
+def test_request_ids_are_unique_and_sort_in_the_order_they_were_issued(live):
+    # Time-ordered ids append to the logs' and ledger's request_id indexes (request_log.py).
+    ids = []
+    for _ in range(8):  # uuid4's would come out sorted once in 40,320 runs
+        response = requests.get(live.base_url + "/chat/completions", timeout=5)
+        ids.append(response.headers["x-request-id"])
+        time.sleep(0.002)
+    assert all(re.fullmatch(r"req_[0-9a-f]{32}", rid) for rid in ids)
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    from request_log import new_request_id
+    assert len({new_request_id() for _ in range(10_000)}) == 10_000  # same millisecond: random
 
 
 def test_upstream_request_errors_pass_through_with_their_message(live):

@@ -1,6 +1,5 @@
 """The /v1 gateway endpoints. Thin: each hands its endpoint name to the relay."""
 import time
-import uuid
 from datetime import datetime, timezone
 
 from flask import Blueprint, g, jsonify, request
@@ -11,6 +10,7 @@ from blueprints.api.errors import ApiError, uses_anthropic_shape
 from blueprints.api.openapi import openapi_document
 from extensions import db
 from models import ApiKey, Channel, ChannelModel
+from request_log import new_request_id
 
 bp = Blueprint("api", __name__, url_prefix="/v1")
 
@@ -41,7 +41,7 @@ def count_message_tokens():
 def assign_request_id():
     """Every response carries x-request-id; the log row stores the same id."""
     if request.path.startswith("/v1"):
-        g.request_id = "req_" + uuid.uuid4().hex
+        g.request_id = new_request_id()
 
 
 @bp.after_app_request
