@@ -146,6 +146,11 @@ def answering():
             _answering["quiet"].set()
 
 
+def requests_answering():
+    """How many requests are between their arrival and their answer (exact under gevent)."""
+    return _answering["requests"]
+
+
 def _start_reloader():
     import gevent
     from gevent.event import Event

@@ -28,6 +28,7 @@ import logging
 import os
 import sqlite3
 import time
+from contextlib import contextmanager
 
 from sqlalchemy import make_url
 
@@ -42,6 +43,7 @@ SQLITE_BUSY = 5  # "database is locked"; extended codes share its low byte
 SQLITE_BUSY_SNAPSHOT = 517  # a read snapshot too old to write from: waiting never helps
 log = logging.getLogger(__name__)
 _in_background = False  # set in a served worker once its checkpointer runs
+_may_wait = True  # False inside `not_waiting`
 
 
 def connection_pragmas(cursor):
@@ -78,8 +80,9 @@ def _patiently(call, args):
     """call(*args), retried while SQLite answers SQLITE_BUSY, for up to BUSY_TIMEOUT_MS in
     all: what SQLite's busy handler does, but sleeping one greenlet. As with the handler, a
     stale snapshot (SQLITE_BUSY_SNAPSHOT) fails at once. Outside a served worker SQLite
-    waits as usual (`connection_pragmas`) and nothing is retried here."""
-    if not _in_background:
+    waits as usual (`connection_pragmas`) and nothing is retried here, nor inside
+    `not_waiting`."""
+    if not (_in_background and _may_wait):
         return call(*args)
     waited, pause = 0.0, BUSY_PAUSE_SECONDS
     while True:
@@ -92,6 +95,27 @@ def _patiently(call, args):
                 raise
         time.sleep(pause)  # gevent's in a served worker: every other greenlet runs meanwhile
         waited, pause = waited + pause, min(2 * pause, BUSY_PAUSE_MAX_SECONDS)
+
+
+@contextmanager
+def not_waiting():
+    """Inside, a statement on a locked database fails at once (`is_locked`) instead of waiting
+    in a gevent sleep: for code that must not let another greenlet run in the middle (the
+    writer's commit in a request's own greenlet, writer.py). Outside a served worker SQLite's
+    busy handler waits as ever, in the calling thread."""
+    global _may_wait
+    _may_wait = False
+    try:
+        yield
+    finally:
+        _may_wait = True
+
+
+def is_locked(err):
+    """True when `err` (SQLite's, or SQLAlchemy's wrapping it) says the database is locked."""
+    err = getattr(err, "orig", err)
+    return isinstance(err, sqlite3.OperationalError) and \
+        getattr(err, "sqlite_errorcode", 0) & 0xFF == SQLITE_BUSY
 
 
 def database_file(uri):

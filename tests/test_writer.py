@@ -2,6 +2,11 @@
 its units mean one by one, batches really form, one bad unit fails alone, and settlements
 caught by a database blip end settled exactly once."""
 import contextlib
+import json
+import os
+import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -12,12 +17,16 @@ from sqlalchemy import event
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 import billing
+import cache
 import holds
+import sqlite_wal
 import writer
 from extensions import db
 from models import MICRO, ApiKey, LedgerEntry, RequestLog, Reservation, UsageDaily, utcnow
 from tests.support import balances, make_key, make_user
 from tests.tcp_proxy import TcpProxy
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def key_id_of(full_key):
@@ -332,3 +341,104 @@ def test_a_batch_locks_a_user_before_any_of_its_keys(ctx, backend):
         batch.join(10)
     assert db.session.scalar(db.select(RequestLog.status).filter_by(request_id="refused"))
     db.session.commit()
+
+
+# --- a quiet worker commits where the unit was submitted (Writer.write_here) -----------------
+
+def test_a_quiet_sqlite_worker_commits_where_the_unit_was_submitted(ctx, backend, monkeypatch):
+    """No other request answering, the writer idle with its connection open: the unit is
+    committed in the caller's thread, except on PostgreSQL (its round trips would switch
+    greenlets in the middle) and when another request is answering (the writer gathers)."""
+    uid = make_user("a@example.com", credits=10)
+    committed_in = []
+    record = lambda conn: committed_in.append(threading.get_ident())  # noqa: E731
+    event.listen(db.engine, "commit", record)
+    try:
+        holds_ = [writer.reserve_credits(uid, None, "r-0", MICRO, 60),  # opens its connection
+                  writer.reserve_credits(uid, None, "r-1", MICRO, 60)]
+        monkeypatch.setitem(cache._answering, "requests", 2)
+        holds_.append(writer.reserve_credits(uid, None, "r-2", MICRO, 60))
+    finally:
+        event.remove(db.engine, "commit", record)
+    here = threading.get_ident()
+    assert committed_in[0] != here and committed_in[2] != here
+    assert (committed_in[1] == here) == (backend == "sqlite")
+    assert len(committed_in) == 3 and balances(uid) == (10 * MICRO, 3 * MICRO)
+    for hold in holds_:
+        writer.settle(settle_unit(hold, MICRO // 4))
+    assert balances(uid) == (10 * MICRO - 3 * (MICRO // 4), 0)
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+def test_a_quiet_commit_that_finds_the_database_locked_is_handed_to_the_writer(
+        ctx, backend, monkeypatch):
+    """In a served worker (busy timeout 0, `sqlite_wal`), a lock held by another process is
+    not waited for in the caller's greenlet: the unit is rolled back and the writer commits
+    it once the lock is gone, once."""
+    monkeypatch.setattr(sqlite_wal, "_in_background", True)
+    db.engine.dispose()  # connections from now on get the served worker's pragmas
+    uid = make_user("a@example.com", credits=10)
+    first = writer.reserve_credits(uid, None, "r-0", MICRO, 60)  # opens its connection
+    other_process = sqlite3.connect(db.engine.url.database, isolation_level=None)
+    other_process.execute("BEGIN IMMEDIATE")
+    committed_in = []
+    record = lambda conn: committed_in.append(threading.get_ident())  # noqa: E731
+    event.listen(db.engine, "commit", record)
+    try:
+        waiting = threading.Thread(target=lambda: in_threads(
+            ctx, 1, lambda i: committed_in.append(
+                ("caller", threading.get_ident(),
+                 writer.reserve_credits(uid, None, "r-1", MICRO, 60)))))
+        waiting.start()
+        time.sleep(0.3)
+        assert waiting.is_alive() and committed_in == []  # waiting for the lock, not failed
+        other_process.execute("ROLLBACK")
+        waiting.join(10)
+    finally:
+        event.remove(db.engine, "commit", record)
+        other_process.close()
+    [writer_thread, (_, caller, hold)] = committed_in
+    assert isinstance(hold, holds.Hold) and writer_thread != caller
+    assert balances(uid) == (10 * MICRO, 2 * MICRO)
+    for h in (first, hold):
+        writer.settle(settle_unit(h, 0, delivered=False))
+
+
+_NO_SWITCH = """
+from gevent import monkey; monkey.patch_all()
+import json, sys, greenlet
+import sqlite_wal
+sqlite_wal._in_background = True  # as served: busy timeout 0, no waiting in SQLite
+from app import create_app
+from bootstrap import ensure_default_group
+from extensions import db
+import writer
+from tests.support import make_user
+app = create_app({"SQLALCHEMY_DATABASE_URI": "sqlite:///" + sys.argv[1], "SECRET_KEY": "x",
+                  "REDIS_URL": None})
+with app.app_context():
+    db.create_all(); ensure_default_group(); db.session.commit()
+    uid = make_user("a@example.com", credits=10)
+    writer.settle(writer.Settle(hold=writer.reserve_credits(uid, None, "r-0", 5, 60), cost=1,
+                                note="m", log=dict(request_id="r-0", user_id=uid,
+                                endpoint="chat", status="Success", http_status=200)))
+    switches = []
+    greenlet.settrace(lambda event, args: switches.append(event))
+    hold = writer.reserve_credits(uid, None, "r-1", 5, 60)
+    charged = writer.settle(writer.Settle(hold=hold, cost=3, note="m", log=dict(
+        request_id="r-1", user_id=uid, endpoint="chat", status="Success", http_status=200)))
+    greenlet.settrace(None)
+print(json.dumps({"switches": switches, "charged": charged}))
+"""
+
+
+def test_a_quiet_served_worker_reserves_and_settles_without_a_greenlet_switch(tmp_path):
+    """The property that makes committing in the request's greenlet safe: nothing switches
+    in it, so no kill or timeout can land between a settlement's statements and its commit.
+    (Handed to the writer, each unit is two switches each way.)"""
+    done = subprocess.run([sys.executable, "-c", _NO_SWITCH, str(tmp_path / "t.db")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    assert figures["charged"] == [3, "billed", False]
+    assert figures["switches"] == []
