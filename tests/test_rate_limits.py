@@ -455,3 +455,33 @@ def test_a_change_made_elsewhere_reaches_a_served_worker_within_the_ttl(tmp_path
         assert call() == 401
     finally:
         gw.stop()
+
+
+def test_a_success_resets_the_shared_count_only_when_a_failure_is_on_record(app, monkeypatch):
+    """With Redis the reset is a round trip on every answer: a channel whose row shows no
+    failure (and that this worker did not see fail) skips it."""
+    import redis_store
+    from blueprints.api import routing
+    from blueprints.api.providers.base import Target
+    redis.Redis.from_url(REDIS_URL).flushdb()
+    app.config["REDIS_URL"] = REDIS_URL
+    calls = []
+    run = redis_store.run
+    monkeypatch.setattr(redis_store, "run", lambda command, url=None: (
+        calls.append(command), run(command, url))[1])
+    target = Target(channel_id=99, channel_name="c", type="openai", base_url="http://up",
+                    api_key="k", upstream_model="m")
+    clean, on_record = (routing.Route(target, 0, 1, None, fail_count=n) for n in (0, 2))
+    with app.app_context():
+        routing.note_success(clean)
+        assert calls == []  # nothing on record: no round trip
+        assert routing.failures_in_a_row(99, add=True) == 1  # another worker's failure...
+        routing._local_failures.clear()
+        routing.note_success(on_record)  # ...on record in the row this worker loaded
+        assert routing.failures_in_a_row(99, add=True) == 1  # reset, then one more
+        routing.note_failure(target, "boom")  # this worker's own (its row: no channel 99)
+        calls.clear()
+        routing.note_success(clean)
+        assert calls  # the reset (and the row's invalidation, published)
+        assert routing.failures_in_a_row(99, add=True) == 1
+    redis.Redis.from_url(REDIS_URL).flushdb()
