@@ -223,13 +223,14 @@ _listener = {"pid": None}
 
 
 def _listen_once():
-    """Start this process's pub/sub listener the first time a cache is used (after fork)."""
+    """Start this process's pub/sub listener the first time a cache is used (after fork).
+    A process that finds no Redis then does not look again: it asked on every cache get."""
     if _listener["pid"] == this_process.pid() or not has_app_context():
         return
+    _listener["pid"] = this_process.pid()
     url = redis_store.configured_url()
     if not url:
         return
-    _listener["pid"] = this_process.pid()
     threading.Thread(target=_listen, args=(url,), name="cache-invalidation",
                      daemon=True).start()
 

@@ -4,6 +4,7 @@ The console gets a Content-Security-Policy without inline scripts (all JavaScrip
 /static), cannot be framed, and does not leak its URLs to other sites; the /v1 JSON API gets
 nosniff, which is all a non-HTML response needs.
 """
+from flask import request
 
 # Plotly's bundle needs neither eval nor inline scripts. It does set style attributes from
 # JavaScript, which CSP counts as inline styles, hence 'unsafe-inline' for styles only:
@@ -31,9 +32,9 @@ CONSOLE_HEADERS = {
 
 def add_security_headers(response):
     """after_request hook: the console's headers, or nosniff alone under /v1."""
-    from flask import request
-    if request.path == "/v1" or request.path.startswith("/v1/"):
-        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    path = request.path
+    if path == "/v1" or path.startswith("/v1/"):
+        response.headers["X-Content-Type-Options"] = "nosniff"  # its one valid value
         return response
     for name, value in CONSOLE_HEADERS.items():
         response.headers.setdefault(name, value)
