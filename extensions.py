@@ -83,8 +83,8 @@ def __getattr__(name):
 
 def _bound_to(hook, owner):
     """Whether `hook` is a method of `owner`, plain or wrapped in functools.partial."""
-    return getattr(hook, "__self__", None) is owner or \
-        (getattr(hook, "func", None) is not None and getattr(hook, "args", ())[:1] == (owner,))
+    bound = getattr(hook, "args", ())[:1] if getattr(hook, "func", None) is not None else ()
+    return getattr(hook, "__self__", None) is owner or (bound != () and bound[0] is owner)
 
 
 def _console_only(hook):
